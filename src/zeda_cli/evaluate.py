@@ -1,8 +1,9 @@
 """``zeda eval``: held-out NLL, agreement with the teacher, zero-slot share and expert FLOPs of an MoE.
 
-One model is loaded; the default teacher is the same weights with the zero experts masked (a dynamic folder: the
-official ``use_zce_mask``, exactly the original static model) or with the baseline switched off, so no second
-copy of the weights is needed. Metrics are sums over the predicted (non-padding) tokens of all batches:
+The default teacher is the original static model: for a distilled folder the one its zeda manifests name (its
+weights moved in training); for an untrained injection, or a baseline, the same weights with the zero experts
+masked (the official ``use_zce_mask``) or the baseline switched off, so no second copy is loaded. Metrics are
+sums over the predicted (non-padding) tokens of all batches:
 
 * ``heldout_nll`` / ``perplexity``: mean token cross-entropy of the model on the texts;
 * against the teacher: ``kl_to_teacher`` = mean KL(teacher || model) over the vocabulary per token,
