@@ -94,7 +94,10 @@ def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[Any]]
         table.add_column(str(column))
     for row in rows:
         table.add_row(*(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row))
-    Console(soft_wrap=True).print(table)
+    console = Console(soft_wrap=True)
+    if not console.is_terminal:  # a log file or CI: Rich would squeeze the table into 80 columns
+        console.width = 200
+    console.print(table)
 
 
 def gb(n: float) -> float:

@@ -17,6 +17,7 @@ from .recipes import Recipe, TrainCommon
 GB = 1024**3
 MARGIN = {"cuda": 2 * GB, "cpu": GB // 2}  # runtime, CUDA context, allocator slack
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+PROMPT_TOKENS = 1024  # prompt length assumed for generation-time estimates (prompts are not read when planning)
 
 
 @dataclass(frozen=True)
@@ -66,8 +67,14 @@ class StageEstimate:
         return asdict(self)
 
 
+def _sequence_tokens(section: TrainCommon) -> int:
+    """Stage 2 trains on prompt + sampled response (not cut to max_seq_len); stage 1 on rollouts cut to it."""
+    new_tokens = getattr(section, "max_new_tokens", None)
+    return PROMPT_TOKENS + new_tokens if new_tokens is not None else section.max_seq_len
+
+
 def _activations(shape: ModelShape, section: TrainCommon, bytes_: int) -> int:
-    tokens = section.micro_batch_size * section.max_seq_len
+    tokens = section.micro_batch_size * _sequence_tokens(section)
     per_layer = 34 * shape.hidden * bytes_  # attention + MLP intermediates of one token (no recompute)
     stored = shape.layers * (shape.hidden * bytes_ if section.gradient_checkpointing else per_layer)
     recompute = per_layer if section.gradient_checkpointing else 0
@@ -112,7 +119,7 @@ def estimate_stages(shape: ModelShape, recipe: Recipe, device: str, stages: list
             out.append(StageEstimate(stage, "cpu", stream / GB, 0.0, 1, "streamed: largest tensor x2 + buffers"))
         elif stage == "rollout":
             r = recipe.rollout
-            kv = r.batch_size * (r.max_new_tokens + 1024) * shape.layers * shape.kv_width * bytes_
+            kv = r.batch_size * (r.max_new_tokens + PROMPT_TOKENS) * shape.layers * shape.kv_width * bytes_
             total = bytes_ * shape.total_params + kv + r.batch_size * shape.vocab * 4 + MARGIN[device]
             out.append(StageEstimate(stage, device, total / GB, 0.0, 1, "teacher weights + KV cache (HF generate)"))
         elif stage in ("stage1", "stage2"):
