@@ -42,17 +42,22 @@ class ChildRun:
     peak_rss_bytes: int
     returncode: int
     output: str
+    peak_anon_bytes: int = 0  # sampled peak of RssAnon: allocated memory, without file pages of mmapped weights
 
 
-def _hwm_bytes(pid: int) -> int:
-    """The process's resident high-water mark (VmHWM): reset by exec, unlike rusage's ru_maxrss, which keeps the
-    forking parent's peak (here a Python that imported torch)."""
+def _status_bytes(pid: int) -> tuple[int, int]:
+    """(VmHWM, RssAnon) of a process. VmHWM is the resident high-water mark, reset by exec (unlike rusage's
+    ru_maxrss, which keeps the forking parent's peak, here a Python that imported torch)."""
+    fields = {}
     try:
         with open(f"/proc/{pid}/status") as f:
-            line = next(line for line in f if line.startswith("VmHWM:"))
-        return int(line.split()[1]) * 1024
-    except (OSError, StopIteration, ValueError):
-        return 0
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in ("VmHWM", "RssAnon"):
+                    fields[key] = int(value.split()[0]) * 1024
+    except (OSError, ValueError):
+        pass
+    return fields.get("VmHWM", 0), fields.get("RssAnon", 0)
 
 
 def run_child(command: Sequence[str], env: dict[str, str] | None = None, poll_s: float = 0.02) -> ChildRun:
@@ -60,14 +65,15 @@ def run_child(command: Sequence[str], env: dict[str, str] | None = None, poll_s:
     began = time.perf_counter()
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-        peak = 0
+        peak = anon = 0
         while proc.poll() is None:
-            peak = max(peak, _hwm_bytes(proc.pid))
+            hwm, now_anon = _status_bytes(proc.pid)
+            peak, anon = max(peak, hwm), max(anon, now_anon)
             time.sleep(poll_s)
         seconds = time.perf_counter() - began
         log.seek(0)
         output = log.read().decode(errors="replace")
-    return ChildRun(seconds, peak, proc.returncode, output)
+    return ChildRun(seconds, peak, proc.returncode, output, anon)
 
 
 def python_child(code: str) -> list[str]:

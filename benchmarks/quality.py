@@ -129,11 +129,20 @@ def plot(rows: list[dict], path: Path) -> None:
     for method in BASELINES:
         pts = sorted((r["expert_flops_ratio"], r["heldout_nll"]) for r in rows if r["method"] == method)
         ax.plot(*zip(*pts, strict=True), marker="o", label=method) if pts else None
-    for r in rows:
-        if r["method"].startswith("ZEDA") or r["method"] in ("teacher (static)", "injected, untrained"):
-            marker = "*" if r["method"].startswith("ZEDA") else "s"
-            ax.scatter(r["expert_flops_ratio"], r["heldout_nll"], marker=marker, s=140, zorder=5,
-                       label=f"{r['method']} {r['stage'] if r['stage'] != '-' else ''}".strip())  # fmt: skip
+    points = [
+        r for r in rows if r["method"].startswith("ZEDA") or r["method"] in ("teacher (static)", "injected, untrained")
+    ]
+    colours = plt.get_cmap("Dark2")
+    for i, r in enumerate(points):
+        marker = "*" if r["method"].startswith("ZEDA") else "s"
+        ax.scatter(r["expert_flops_ratio"], r["heldout_nll"], marker=marker, s=160, zorder=5, color=colours(i),
+                   edgecolors="black", linewidths=0.5,
+                   label=f"{r['method']} {r['stage'] if r['stage'] != '-' else ''}".strip())  # fmt: skip
+    # Random dropping is far worse than everything else: clip the axis so the rest stays readable.
+    shown = [r["heldout_nll"] for r in rows if r["method"] != "random"]
+    if shown:
+        ax.set_ylim(min(shown) - 0.02, max(shown) + 0.08)
+        ax.text(0.01, 0.98, "random: above this range (see the table)", transform=ax.transAxes, va="top", fontsize=8)
     ax.set_xlabel("expert FLOPs per token (fraction of the static model)")
     ax.set_ylabel("held-out NLL (nats / token)")
     ax.set_title("pystdlib-moe: quality vs expert FLOPs (lower-left is better)")
