@@ -92,18 +92,16 @@ def write_result(name: str, result: dict[str, Any], out: Path | None = None) -> 
 
 
 def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from zeda_cli.console import make_console
 
     table = Table(title=title, title_justify="left")
     for column in header:
         table.add_column(str(column))
     for row in rows:
         table.add_row(*(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row))
-    console = Console(soft_wrap=True)
-    if not console.is_terminal:  # a log file or CI: Rich would squeeze the table into 80 columns
-        console.width = 200
-    console.print(table)
+    make_console(sys.stdout).print(table)
 
 
 def gb(n: float) -> float:

@@ -191,3 +191,12 @@ def test_json_error_object_on_stdout(tmp_path):
     data = json.loads(result.stdout)
     assert data == {"ok": False, "error": data["error"], "kind": "BadInputError", "exit_code": EXIT_BAD_INPUT}
     assert "org/name[@revision]" in data["error"] and "org/name[@revision]" in result.stderr
+
+
+def test_tables_in_a_log_are_not_cut_to_80_columns(tiny_static, monkeypatch):
+    """Piped into a CI log (not a terminal), inspect's verdict row stays on one line, uncut."""
+    monkeypatch.delenv("COLUMNS", raising=False)
+    result = runner.invoke(app, ["inspect", str(tiny_static("qwen3_moe"))])
+    assert result.exit_code == 0, result.output
+    verdict = next(line for line in result.output.splitlines() if "verdict" in line)
+    assert "ready for `zeda inject-zero-experts`" in verdict and len(verdict) > 80

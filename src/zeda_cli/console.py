@@ -6,11 +6,12 @@ An :class:`Output` is made once per command invocation in ``cli.py`` and passed 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TextIO
 
 from rich.console import Console
 from rich.markup import escape
@@ -24,13 +25,23 @@ from rich.progress import (
 )
 from rich.table import Table
 
+LOG_WIDTH = 160  # tables written to a file or CI log: Rich would otherwise assume 80 columns and cut cells
+
+
+def make_console(file: TextIO) -> Console:
+    """A Console for ``file``; not a terminal (a pipe, a CI log) and no COLUMNS set -> LOG_WIDTH columns."""
+    console = Console(file=file, soft_wrap=True)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console.width = LOG_WIDTH
+    return console
+
 
 @dataclass
 class Output:
     json_mode: bool = False
     quiet: bool = False
-    stdout: Console = field(default_factory=lambda: Console(file=sys.stdout, soft_wrap=True))
-    stderr: Console = field(default_factory=lambda: Console(file=sys.stderr, soft_wrap=True))
+    stdout: Console = field(default_factory=lambda: make_console(sys.stdout))
+    stderr: Console = field(default_factory=lambda: make_console(sys.stderr))
 
     def log(self, message: str) -> None:
         """A progress/log line on stderr (hidden by --quiet)."""
