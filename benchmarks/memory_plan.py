@@ -28,7 +28,7 @@ from zeda_cli.skeleton import GLM_4_7_FLASH, QWEN3_30B_A3B, write_skeleton
 
 PLANS = {
     "router-only, 1 GPU": ["stage1.trainable=router", "stage2.trainable=router", "distributed.nproc=1",
-                           "distributed.deepspeed=null", "stage1.max_seq_len=8192", "stage2.max_seq_len=8192"],
+                           "distributed.deepspeed=null", "stage1.max_seq_len=8192", "stage2.max_new_tokens=7168"],
     "full, ZeRO-3, 8 GPUs": ["distributed.deepspeed=deepspeed/zero3.json"],
     "full, ZeRO-3 + CPU offload, 8 GPUs": ["distributed.deepspeed=deepspeed/zero3-offload.json"],
     "full, ZeRO-3 + CPU offload, 4 GPUs": [

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from .errors import ExternalError
-from .recipes import Recipe, TrainCommon
+from .recipes import Recipe, Stage1Section, TrainCommon
 
 GB = 1024**3
 MARGIN = {"cuda": 2 * GB, "cpu": GB // 2}  # runtime, CUDA context, allocator slack
@@ -68,9 +68,10 @@ class StageEstimate:
 
 
 def _sequence_tokens(section: TrainCommon) -> int:
-    """Stage 2 trains on prompt + sampled response (not cut to max_seq_len); stage 1 on rollouts cut to it."""
-    new_tokens = getattr(section, "max_new_tokens", None)
-    return PROMPT_TOKENS + new_tokens if new_tokens is not None else section.max_seq_len
+    """Stage 1 trains on rollouts cut to max_seq_len; stage 2 on prompt + sampled response."""
+    if isinstance(section, Stage1Section):
+        return section.max_seq_len
+    return PROMPT_TOKENS + section.max_new_tokens
 
 
 def _activations(shape: ModelShape, section: TrainCommon, bytes_: int) -> int:

@@ -71,7 +71,6 @@ class RolloutSection(Section):
 class TrainCommon(Section):
     trainable: Literal["full", "router"] = "full"
     micro_batch_size: PositiveInt = 1
-    max_seq_len: PositiveInt = 4096
     gradient_checkpointing: bool = False  # recompute activations in backward (long sequences / large models)
     save_every: PositiveInt = 50
     log_every: PositiveInt = 1
@@ -83,6 +82,7 @@ class Stage1Section(TrainCommon):
 
     optim: OptimSection = OptimSection(lr=2e-5, schedule="cosine", warmup_ratio=0.1)
     epochs: PositiveInt = 1
+    max_seq_len: PositiveInt = 4096  # rollouts (prompt + response) are cut to this many tokens
     global_batch_size: PositiveInt = 128
     max_steps: PositiveInt | None = None
 
