@@ -23,6 +23,7 @@ from zeda_cli.recipes import load_recipe
 from zeda_cli.zero_experts import InjectSettings, inject_zero_experts
 
 runner = CliRunner()
+STEPS = 36  # 48 prompts / global batch 4 x 3 epochs
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +35,10 @@ def small(tmp_path_factory):
 
 
 def _stage1_args(inject: Path, out: Path, prompts: Path) -> list[str]:
+    # 3 epochs (STEPS steps) so that a kill after step 5 reliably lands mid-stage, even on a fast idle machine
     sets = ["rollout.max_new_tokens=12", "rollout.batch_size=16", "stage1.global_batch_size=4",
-            "stage1.micro_batch_size=4", "stage1.save_every=3", "stage1.optim.lr=1e-3"]  # fmt: skip
+            "stage1.micro_batch_size=4", "stage1.save_every=3", "stage1.optim.lr=1e-3",
+            "stage1.epochs=3"]  # fmt: skip
     return ["distill", "--stage", "1", str(inject), "--out", str(out), "--prompts", str(prompts),
             *[a for s in sets for a in ("--set", s)]]  # fmt: skip
 
@@ -52,11 +55,11 @@ def test_kill_9_mid_stage_1_then_resume(small):
     proc = subprocess.Popen([sys.executable, "-m", "zeda_cli", *_stage1_args(inject, out, prompts), "-q"], env=env)
     deadline = time.time() + 300
     while len(_metrics(out)) < 5 and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
+        time.sleep(0.02)
     proc.kill()  # SIGKILL: no cleanup handlers run
     proc.wait()
     before = _metrics(out)
-    assert 5 <= len(before) < 12, "the run should have been killed mid-stage"
+    assert 5 <= len(before) < STEPS, "the run should have been killed mid-stage"
     assert not read_manifest(out).done and (out / "checkpoints").exists()
     checkpointed = int(next((out / "checkpoints").glob("step-*")).name.split("-")[1])
     rollouts_before = (out / "rollouts.jsonl").read_text()
@@ -64,10 +67,10 @@ def test_kill_9_mid_stage_1_then_resume(small):
     result = runner.invoke(app, [*_stage1_args(inject, out, prompts), "--resume", "--json", "-q"])
     assert result.exit_code == 0, result.output
     after = _metrics(out)
-    assert [r["step"] for r in after] == list(range(1, 13))  # every step once, none twice
+    assert [r["step"] for r in after] == list(range(1, STEPS + 1))  # every step once, none twice
     assert after[:checkpointed] == before[:checkpointed]  # finished steps were not redone
     manifest = read_manifest(out)
-    assert manifest.done and manifest.metrics["steps"] == 12
+    assert manifest.done and manifest.metrics["steps"] == STEPS
     assert (out / "rollouts.jsonl").read_text() == rollouts_before  # rollouts neither redone nor duplicated
     ids = [json.loads(line)["id"] for line in rollouts_before.splitlines()]
     assert sorted(ids) == list(range(48))
