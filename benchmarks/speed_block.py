@@ -25,6 +25,7 @@ from zeda_cli.architectures.families import GLM4_MOE_LITE, QWEN3_MOE
 from zeda_cli.modeling import dynamic_classes
 from zeda_cli.runtime.packaging import dynamic_config
 from zeda_cli.runtime.zeda_dynamic_moe import make_dynamic
+from zeda_cli.skeleton import QWEN3_30B_A3B as QWEN3  # the published config: one source of the real shapes
 
 IMPLS = ("eager", "grouped_mm", "batched_mm")
 ADAPTERS = {"qwen3_moe": QWEN3_MOE, "glm4_moe_lite": GLM4_MOE_LITE}
@@ -80,7 +81,15 @@ class BlockShape:
 
 
 FULL_SHAPES = (
-    BlockShape("Qwen3-30B-A3B", "qwen3_moe", hidden=2048, intermediate=768, num_experts=128, num_zero=64, top_k=8),
+    BlockShape(
+        "Qwen3-30B-A3B",
+        "qwen3_moe",
+        hidden=QWEN3["hidden_size"],
+        intermediate=QWEN3["moe_intermediate_size"],
+        num_experts=QWEN3["num_experts"],
+        num_zero=QWEN3["num_experts"] // 2,
+        top_k=QWEN3["num_experts_per_tok"],
+    ),
     BlockShape(
         "GLM-4.7-Flash",
         "glm4_moe_lite",

@@ -21,6 +21,7 @@ from speed_block import init_uniform_, shared_copy, zeda_dynamic_config
 from speed_timing import median, sync
 from zeda_cli.architectures.families import QWEN3_MOE
 from zeda_cli.runtime.zeda_dynamic_moe import RoutingRecorder, make_dynamic, routers
+from zeda_cli.skeleton import QWEN3_30B_A3B as QWEN3  # the published config: one source of the real shapes
 
 
 @dataclass(frozen=True)
@@ -28,15 +29,15 @@ class E2EShape:
     """A slice of the Qwen3-30B-A3B architecture (48 layers, vocab 151936 in the real model)."""
 
     layers: int = 4
-    vocab: int = 151936
-    hidden: int = 2048
-    heads: int = 32
-    kv_heads: int = 4
-    head_dim: int = 128
-    intermediate: int = 768
-    num_experts: int = 128
-    num_zero: int = 64
-    top_k: int = 8
+    vocab: int = QWEN3["vocab_size"]
+    hidden: int = QWEN3["hidden_size"]
+    heads: int = QWEN3["num_attention_heads"]
+    kv_heads: int = QWEN3["num_key_value_heads"]
+    head_dim: int = QWEN3["head_dim"]
+    intermediate: int = QWEN3["moe_intermediate_size"]
+    num_experts: int = QWEN3["num_experts"]
+    num_zero: int = QWEN3["num_experts"] // 2
+    top_k: int = QWEN3["num_experts_per_tok"]
 
     def param_count(self) -> int:
         h = self.hidden
@@ -55,7 +56,7 @@ def _e2e_config(shape: E2EShape, impl: str) -> Any:
     return Qwen3MoeConfig(
         vocab_size=shape.vocab,
         hidden_size=shape.hidden,
-        intermediate_size=6144,
+        intermediate_size=QWEN3["intermediate_size"],
         num_hidden_layers=shape.layers,
         num_attention_heads=shape.heads,
         num_key_value_heads=shape.kv_heads,
