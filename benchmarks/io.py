@@ -21,8 +21,8 @@ from typing import Any
 import torch
 
 from common import gb, machine, print_table, python_child, run_child, write_result, zeda_child
-from zeda_cli.shards import OutTensor, parse_size, tensor_out, write_sharded
-from zeda_cli.skeleton import QWEN3_30B_A3B
+from zeda_cli.io.skeleton import QWEN3_30B_A3B
+from zeda_cli.io.writer import OutTensor, parse_size, tensor_out, write_sharded
 
 CHUNK = 16 * 1024 * 1024
 
@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         src = work / "static"
         largest = build_checkpoint(src, config, args.shard_size)
         total = sum(p.stat().st_size for p in src.glob("*.safetensors"))
-        baseline = run_child(python_child("import zeda_cli.zero_experts, zeda_cli.export"))
+        baseline = run_child(python_child("import zeda_cli.inject, zeda_cli.export"))
         rounds = []
         for _ in range(2):
             for d in ("copy", "inject", "export"):

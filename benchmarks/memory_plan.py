@@ -20,11 +20,11 @@ from typing import Any
 
 from common import ROOT, machine, print_table, python_child, run_child, write_result, zeda_child
 from zeda_cli.architectures import resolve_config
-from zeda_cli.checkpoint import read_config_json
 from zeda_cli.inspect_model import inspect_model
-from zeda_cli.memory_plan import ModelShape, estimate_stages
+from zeda_cli.io.skeleton import GLM_4_7_FLASH, QWEN3_30B_A3B, write_skeleton
+from zeda_cli.io.sources import read_config_json
+from zeda_cli.pipeline.memory import ModelShape, estimate_stages
 from zeda_cli.recipes import load_recipe
-from zeda_cli.skeleton import GLM_4_7_FLASH, QWEN3_30B_A3B, write_skeleton
 
 PLANS = {
     "router-only, 1 GPU": ["stage1.trainable=router", "stage2.trainable=router", "distributed.nproc=1",

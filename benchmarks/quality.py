@@ -21,12 +21,12 @@ from typing import Any
 
 from common import ROOT, machine, print_table, write_result
 from zeda_cli.console import Output
-from zeda_cli.distill.cli_runner import run_distill
-from zeda_cli.distill.job import TeacherSpec
 from zeda_cli.distill.rollout import generate_rollouts
-from zeda_cli.evaluate import EvalSettings, run_eval
-from zeda_cli.recipes import Recipe, load_recipe
-from zeda_cli.zero_experts import InjectSettings, inject_zero_experts
+from zeda_cli.distill.run import run_stage
+from zeda_cli.evaluate import run_eval
+from zeda_cli.inject import inject_zero_experts
+from zeda_cli.recipes import EvalSection, Recipe, ZeroExpertsSection, load_recipe
+from zeda_cli.runs import TeacherSpec
 
 BUNDLED = ROOT / "models" / "pystdlib-moe"
 HELDOUT = BUNDLED / "data" / "heldout.jsonl"
@@ -39,7 +39,7 @@ VARIANTS = {
 QUICK = ["data.max_prompts=64", "rollout.max_new_tokens=64", "stage2.steps=6", "stage2.prompts_per_step=4"]
 
 
-def evaluate(folder: Path, settings: EvalSettings, method: str, stage: str, budget: float | None = None) -> dict:
+def evaluate(folder: Path, settings: EvalSection, method: str, stage: str, budget: float | None = None) -> dict:
     began = time.perf_counter()
     r = run_eval(str(folder), settings)
     return {
@@ -51,14 +51,14 @@ def evaluate(folder: Path, settings: EvalSettings, method: str, stage: str, budg
     }  # fmt: skip
 
 
-def zeda_rows(work: Path, name: str, recipe: Recipe, rollouts: Path, settings: EvalSettings) -> list[dict]:
+def zeda_rows(work: Path, name: str, recipe: Recipe, rollouts: Path, settings: EvalSection) -> list[dict]:
     out = work / name.replace(" ", "-")
     quiet = Output(quiet=True)
     rows = []
     for stage, student in ((1, work / "inject"), (2, out / "stage1")):
         began = time.perf_counter()
-        run_distill(stage, str(student), out / f"stage{stage}", recipe, None, str(rollouts) if stage == 1 else None,
-                    False, False, quiet)  # fmt: skip
+        run_stage(stage, str(student), out / f"stage{stage}", recipe, output=quiet,
+                  rollouts=str(rollouts) if stage == 1 else None)  # fmt: skip
         row = evaluate(out / f"stage{stage}", settings, name, "stage 1" if stage == 1 else "stage 1+2")
         rows.append(row | {"train_seconds": round(time.perf_counter() - began, 1)})
     return rows
@@ -67,9 +67,9 @@ def zeda_rows(work: Path, name: str, recipe: Recipe, rollouts: Path, settings: E
 def run(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="zeda-quality-"))
     extra = QUICK if args.quick else []
-    settings = EvalSettings(data=HELDOUT, record=False, max_samples=args.eval_samples)
+    settings = EvalSection(data=HELDOUT, record=False, max_samples=args.eval_samples)
     try:
-        inject_zero_experts(str(BUNDLED), work / "inject", InjectSettings())
+        inject_zero_experts(str(BUNDLED), work / "inject", zero=ZeroExpertsSection())
         base = load_recipe("tiny-demo", extra)
         rollouts = work / "rollouts" / "rollouts.jsonl"
         began = time.perf_counter()
@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             rows += zeda_rows(work, name, load_recipe("tiny-demo", [*overrides, *extra]), rollouts, settings)
         for method in BASELINES:
             for budget in args.budgets:
-                b = EvalSettings(data=HELDOUT, record=False, max_samples=args.eval_samples, baseline=method,
+                b = EvalSection(data=HELDOUT, record=False, max_samples=args.eval_samples, baseline=method,
                                  budget=budget)  # fmt: skip
                 rows.append(evaluate(BUNDLED, b, method, "training-free", budget))
     finally:

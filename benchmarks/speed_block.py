@@ -22,10 +22,10 @@ import torch
 
 from speed_timing import interleaved, median, time_call
 from zeda_cli.architectures.families import GLM4_MOE_LITE, QWEN3_MOE
-from zeda_cli.modeling import dynamic_classes
+from zeda_cli.io.skeleton import QWEN3_30B_A3B as QWEN3  # the published config: one source of the real shapes
+from zeda_cli.runtime.loading import dynamic_classes
 from zeda_cli.runtime.packaging import dynamic_config
 from zeda_cli.runtime.zeda_dynamic_moe import make_dynamic
-from zeda_cli.skeleton import QWEN3_30B_A3B as QWEN3  # the published config: one source of the real shapes
 
 IMPLS = ("eager", "grouped_mm", "batched_mm")
 ADAPTERS = {"qwen3_moe": QWEN3_MOE, "glm4_moe_lite": GLM4_MOE_LITE}

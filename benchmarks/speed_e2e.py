@@ -20,8 +20,8 @@ import torch
 from speed_block import init_uniform_, shared_copy, zeda_dynamic_config
 from speed_timing import median, sync
 from zeda_cli.architectures.families import QWEN3_MOE
+from zeda_cli.io.skeleton import QWEN3_30B_A3B as QWEN3  # the published config: one source of the real shapes
 from zeda_cli.runtime.zeda_dynamic_moe import RoutingRecorder, make_dynamic, routers
-from zeda_cli.skeleton import QWEN3_30B_A3B as QWEN3  # the published config: one source of the real shapes
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,7 @@ class DynamicStep:
     """zeda's stage-1 step (stage1._train_step) on the injected model."""
 
     def __init__(self, model: Any, lr: float):
-        from zeda_cli.distill.engine import LocalEngine
+        from zeda_cli.distill.engines.local import LocalEngine
         from zeda_cli.distill.losses import GroupBalance
         from zeda_cli.recipes import OptimSection
         from zeda_cli.runtime.zeda_dynamic_moe import RouterSpec
@@ -130,11 +130,12 @@ def child_memory(variant: str, injected: Path, bias: float, batch: int, seq: int
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from zeda_cli import load_tokenizer
-    from zeda_cli.zero_experts import InjectSettings, inject_zero_experts
+    from zeda_cli.inject import inject_zero_experts
+    from zeda_cli.recipes import ZeroExpertsSection
 
     torch.manual_seed(0)
     work = Path(tempfile.mkdtemp(prefix="zeda-train-bench-"))
-    injected = inject_zero_experts(str(BUNDLED), work / "inject", InjectSettings()).out
+    injected = inject_zero_experts(str(BUNDLED), work / "inject", zero=ZeroExpertsSection()).out
     ids = batch_texts(load_tokenizer(BUNDLED), args.batch, args.seq)
     bias = calibrate_bias(injected, ids)
     steps = {v: build(v, injected, bias) for v in VARIANTS}

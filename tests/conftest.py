@@ -24,6 +24,15 @@ from tiny_models import FAMILIES, save_tiny_model  # noqa: E402
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared CPU two OpenMP threads run ~10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_static(tmp_path_factory: pytest.TempPathFactory):
     """Factory: the saved static checkpoint folder of a tiny model of ``FAMILIES[name]`` (built once)."""
@@ -41,14 +50,15 @@ def tiny_static(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="session")
 def tiny_dynamic(tiny_static, tmp_path_factory: pytest.TempPathFactory):
     """Factory: ``inject-zero-experts`` output (Z = N/2) for a tiny family, per init mode (built once)."""
-    from zeda_cli.zero_experts import InjectSettings, inject_zero_experts
+    from zeda_cli.inject import inject_zero_experts
+    from zeda_cli.recipes import ZeroExpertsSection
 
     cache: dict[tuple[str, str], Path] = {}
 
     def get(name: str, init: str = "gaussian") -> Path:
         if (name, init) not in cache:
             out = tmp_path_factory.mktemp(f"dyn-{name}-{init}") / "model"
-            inject_zero_experts(str(tiny_static(name)), out, InjectSettings(init=init, max_shard_size="40KB"))
+            inject_zero_experts(str(tiny_static(name)), out, zero=ZeroExpertsSection(init=init, max_shard_size="40KB"))
             cache[(name, init)] = out
         return cache[(name, init)]
 

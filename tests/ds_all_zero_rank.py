@@ -17,9 +17,9 @@ def main(student: str, out: str) -> None:
     import deepspeed
     import torch.distributed as dist
 
-    from zeda_cli.distill.engine_deepspeed import DeepSpeedEngine, hf_deepspeed_config, student_config
-    from zeda_cli.modeling import load_model
+    from zeda_cli.distill.engines.deepspeed import DeepSpeedEngine, hf_deepspeed_config, student_config
     from zeda_cli.recipes import OptimSection
+    from zeda_cli.runtime.loading import load_model
     from zeda_cli.runtime.zeda_dynamic_moe import RoutingRecorder, set_zero_expert_bias
 
     deepspeed.init_distributed(dist_backend="gloo")

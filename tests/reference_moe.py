@@ -1,4 +1,4 @@
-"""A deliberately plain reference for a dynamic MoE block (DESIGN §2): route token by token over N+Z experts, run
+"""A deliberately plain reference for a dynamic MoE block (docs/method.md): route token by token over N+Z experts, run
 every chosen real expert with an explicit loop, give zero slots no contribution (their weight still counts in the
 renormalisation), add the shared expert. Independent of zeda's runtime code."""
 

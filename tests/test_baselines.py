@@ -9,31 +9,28 @@ from transformers import AutoModelForCausalLM
 from tiny_models import save_tiny_model
 from zeda_cli import load_model
 from zeda_cli.architectures import resolve_config
-from zeda_cli.baselines import (
+from zeda_cli.errors import BadInputError
+from zeda_cli.evaluate.baselines import (
+    METHODS,
     BaselineRouting,
     RoutingTally,
     calibrate,
+    keep_entropy_k,
+    keep_heaviest,
     keep_naee,
     keep_top_p,
     kept_share,
     renormalise,
     runtime_form,
 )
-from zeda_cli.checkpoint import read_config_json
-from zeda_cli.errors import BadInputError
-from zeda_cli.evaluate import ExpertFlops, measured_expert_flops
+from zeda_cli.evaluate.flops import ExpertFlops, measured_expert_flops
+from zeda_cli.io.sources import read_config_json
 from zeda_cli.runtime.zeda_dynamic_moe import RoutingRecorder
 
 FAMILIES = ["qwen3_moe", "glm4_moe_lite"]  # a softmax and a sigmoid router (with correction bias, shared expert)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a shared CPU two OpenMP threads run ~10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +73,29 @@ def test_keep_rules_on_hand_made_weights():
     assert renormalise(w, torch.zeros_like(keep), "kept").tolist() == [[0.0] * 4]
 
 
+def test_static_and_entropy_k_rules_on_hand_made_weights():
+    w = torch.tensor([[0.05, 0.5, 0.15, 0.3], [0.25, 0.25, 0.25, 0.25]])
+    assert keep_heaviest(w, 2).tolist() == [[False, True, False, True], [True, True, False, False]]
+    # exp(entropy) of the renormalised weights: 3.13 for row 0, exactly 4 for the uniform row 1
+    effective = [torch.exp(-(r * r.log()).sum()).item() for r in w]
+    assert effective[0] == pytest.approx(3.1334, abs=1e-3) and effective[1] == pytest.approx(4.0)
+    assert keep_entropy_k(w, 0.5).sum(-1).tolist() == [2, 2]  # ceil(1.57) = 2, ceil(2.0) = 2
+    assert keep_entropy_k(w, 0.7).sum(-1).tolist() == [3, 3]  # ceil(2.19) = 3, ceil(2.8) = 3
+    assert keep_entropy_k(w, 0.0).sum(-1).tolist() == [1, 1] and keep_entropy_k(w, 9.0).sum(-1).tolist() == [4, 4]
+    assert keep_entropy_k(w, 0.5)[0].tolist() == [False, True, False, True]  # the heaviest k
+
+
+def test_static_topk_is_exactly_k_of_K_and_the_registry_matches_the_recipe_names(top4):
+    from zeda_cli.recipes import BASELINES
+
+    assert tuple(METHODS) == BASELINES
+    model, rc = _static(top4["qwen3_moe"])
+    with BaselineRouting(model, "static_topk", 1.0) as routing:
+        calibration = calibrate(routing, 0.5, CALIBRATION, rc.num_experts)
+        assert calibration.param == 2 and calibration.kept_share == 0.5
+        assert kept_share(model, HELDOUT, rc.num_experts) == 0.5
+
+
 @pytest.mark.parametrize("name", FAMILIES)
 def test_runtime_form_routes_exactly_like_the_static_model(name, top4):
     ids = HELDOUT[0][0][:2]
@@ -86,7 +106,7 @@ def test_runtime_form_routes_exactly_like_the_static_model(name, top4):
     assert kept_share(model, HELDOUT[:1], 8) == 1.0
 
 
-CASES = [(f, m, 0.5) for f in FAMILIES for m in ("top_p", "naee", "threshold", "random")]
+CASES = [(f, m, 0.5) for f in FAMILIES for m in ("top_p", "naee", "threshold", "static_topk", "entropy_k", "random")]
 CASES += [("qwen3_moe", "top_p", 0.3), ("glm4_moe_lite", "naee", 0.7), ("qwen3_moe", "threshold", 0.3)]
 
 

@@ -18,8 +18,8 @@ from tiny_models import save_distill_teacher, write_prompts
 from zeda_cli import load_model
 from zeda_cli.cli import app
 from zeda_cli.errors import EXIT_BAD_INPUT, EXIT_EXTERNAL
-from zeda_cli.manifest import read_manifest, verify_files
-from zeda_cli.skeleton import QWEN3_30B_A3B, write_skeleton
+from zeda_cli.io.skeleton import QWEN3_30B_A3B, write_skeleton
+from zeda_cli.runs import read_manifest, verify_files
 
 runner = CliRunner()
 RECIPE = """version: 1

@@ -15,12 +15,13 @@ import torch
 from safetensors.torch import load_file
 
 from tiny_models import save_distill_teacher, write_prompts
-from zeda_cli.checkpoint import open_checkpoint
 from zeda_cli.console import Output
-from zeda_cli.distill.cli_runner import run_distill_command
 from zeda_cli.distill.launch import free_port
-from zeda_cli.manifest import read_manifest
-from zeda_cli.zero_experts import InjectSettings, inject_zero_experts
+from zeda_cli.distill.run import run_stage
+from zeda_cli.inject import inject_zero_experts
+from zeda_cli.io.reader import open_checkpoint
+from zeda_cli.recipes import ZeroExpertsSection, load_recipe
+from zeda_cli.runs import read_manifest
 
 pytestmark = pytest.mark.slow
 ZERO3 = str(Path(__file__).resolve().parents[1] / "recipes" / "deepspeed" / "zero3.json")
@@ -32,7 +33,7 @@ STAGE1 = ["balance.aux_loss_coeff=0.0", "stage1.global_batch_size=8", "stage1.mi
 def ds_base(tmp_path_factory):
     root = tmp_path_factory.mktemp("ds")
     static = save_distill_teacher(root / "static")
-    inject = inject_zero_experts(str(static), root / "inject", InjectSettings()).out
+    inject = inject_zero_experts(str(static), root / "inject", zero=ZeroExpertsSection()).out
     rollouts = root / "rollouts.jsonl"
     g = torch.Generator().manual_seed(0)
     with rollouts.open("w") as f:
@@ -45,8 +46,8 @@ def ds_base(tmp_path_factory):
 
 
 def _run(stage: int, student: Path, out: Path, overrides: list[str], rollouts: Path | None = None) -> dict:
-    return run_distill_command(stage, str(student), out, None, overrides, None, str(rollouts) if rollouts else None,
-                               False, False, Output(quiet=True))  # fmt: skip
+    return run_stage(stage, str(student), out, load_recipe(None, overrides), output=Output(quiet=True),
+                     rollouts=str(rollouts) if rollouts else None)  # fmt: skip
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:

@@ -13,11 +13,12 @@ from transformers import AutoModelForCausalLM
 from tiny_models import PAD, save_distill_teacher, write_prompts
 from zeda_cli import load_model, load_tokenizer
 from zeda_cli.console import Output
-from zeda_cli.distill.cli_runner import run_distill_command
+from zeda_cli.distill.run import run_stage
 from zeda_cli.distill.sampling import SamplingSettings, sample_responses, sequence_batch
-from zeda_cli.manifest import read_manifest, verify_files
+from zeda_cli.inject import inject_zero_experts
+from zeda_cli.recipes import ZeroExpertsSection, load_recipe
+from zeda_cli.runs import read_manifest, verify_files
 from zeda_cli.runtime.zeda_dynamic_moe import RoutingRecorder
-from zeda_cli.zero_experts import InjectSettings, inject_zero_experts
 
 TARGET = 0.5
 COMMON = ["balance.aux_loss_coeff=2.0", f"balance.target_skip={TARGET}"]
@@ -31,7 +32,7 @@ STAGE2 = [*COMMON, "stage2.steps=10", "stage2.max_new_tokens=16", "stage2.prompt
 def base(tmp_path_factory) -> SimpleNamespace:
     root = tmp_path_factory.mktemp("distill")
     static = save_distill_teacher(root / "static")
-    inject = inject_zero_experts(str(static), root / "inject", InjectSettings()).out
+    inject = inject_zero_experts(str(static), root / "inject", zero=ZeroExpertsSection()).out
     return SimpleNamespace(
         root=root,
         static=static,
@@ -42,8 +43,7 @@ def base(tmp_path_factory) -> SimpleNamespace:
 
 
 def _distill(stage: int, student: Path, out: Path, overrides: list[str], **kw) -> dict:
-    return run_distill_command(stage, str(student), out, None, overrides, None, None, False, False, Output(quiet=True),
-                               **kw)  # fmt: skip
+    return run_stage(stage, str(student), out, load_recipe(None, overrides), output=Output(quiet=True), **kw)
 
 
 @pytest.fixture(scope="session")
@@ -119,11 +119,12 @@ def test_stage2_exact_kl_option_runs(base, stage1, tmp_path):
 
 
 def test_eval_measures_a_distilled_stage_against_the_original(base, stage1):
-    from zeda_cli.evaluate import EvalSettings, run_eval
+    from zeda_cli.evaluate import run_eval
+    from zeda_cli.recipes import EvalSection
 
     data = base.root / "eval.jsonl"
     data.write_text("".join(json.dumps({"text": line}) + "\n" for line in ["def f(x): return x + 1"] * 4))
-    settings = EvalSettings(data=data, record=False)
+    settings = EvalSection(data=data, record=False)
     static = run_eval(str(base.static), settings)
     distilled = run_eval(str(stage1), settings)
     assert "the original" in distilled["teacher"]

@@ -15,12 +15,11 @@ from typer.testing import CliRunner
 
 from tiny_models import save_distill_teacher, save_tiny_model, write_prompts
 from zeda_cli.cli import app
-from zeda_cli.distill.job import TeacherSpec
 from zeda_cli.distill.rollout import generate_rollouts
 from zeda_cli.errors import EXIT_BAD_INPUT, EXIT_UNSUPPORTED
-from zeda_cli.manifest import read_manifest
-from zeda_cli.recipes import load_recipe
-from zeda_cli.zero_experts import InjectSettings, inject_zero_experts
+from zeda_cli.inject import inject_zero_experts
+from zeda_cli.recipes import ZeroExpertsSection, load_recipe
+from zeda_cli.runs import TeacherSpec, read_manifest
 
 runner = CliRunner()
 STEPS = 36  # 48 prompts / global batch 4 x 3 epochs
@@ -30,7 +29,7 @@ STEPS = 36  # 48 prompts / global batch 4 x 3 epochs
 def small(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
     static = save_distill_teacher(root / "static")
-    inject = inject_zero_experts(str(static), root / "inject", InjectSettings()).out
+    inject = inject_zero_experts(str(static), root / "inject", zero=ZeroExpertsSection()).out
     return root, static, inject, write_prompts(root / "prompts.jsonl", 48, seed=4)
 
 

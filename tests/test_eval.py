@@ -13,24 +13,21 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from zeda_cli import load_model
-from zeda_cli.baselines import runtime_form
 from zeda_cli.cli import app
 from zeda_cli.errors import EXIT_BAD_INPUT
-from zeda_cli.eval_data import make_batches, tokenize
-from zeda_cli.evaluate import EvalSettings, ExpertFlops, evaluate_batches, measured_expert_flops, run_eval
-from zeda_cli.manifest import read_manifest, write_manifest
+from zeda_cli.evaluate import run_eval
+from zeda_cli.evaluate.baselines import runtime_form
+from zeda_cli.evaluate.data import make_batches, tokenize
+from zeda_cli.evaluate.flops import ExpertFlops, measured_expert_flops
+from zeda_cli.evaluate.scoring import evaluate_batches
+from zeda_cli.recipes import EvalSection
+from zeda_cli.runs import read_manifest, write_manifest
 from zeda_cli.runtime.zeda_dynamic_moe import RoutingRecorder
 
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a shared CPU two OpenMP threads run ~10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 CHARS = [chr(c) for c in range(32, 127)]  # 95 printable characters + [UNK] = the tiny models' 96 ids
@@ -103,7 +100,7 @@ def _texts(path: Path) -> list[str]:
 @pytest.mark.parametrize("name", ["qwen3_moe", "glm4_moe_lite"])
 def test_numbers_match_a_direct_computation(name, folders):
     folder = folders[f"dynamic-{name}"]
-    got = run_eval(str(folder), EvalSettings(data=folders["data"], batch_size=4, record=False))
+    got = run_eval(str(folder), EvalSection(data=folders["data"], batch_size=4, record=False))
     want = _direct(folder, _texts(folders["data"]))
     assert got["tokens"] == want["tokens"]
     for key in ("heldout_nll", "teacher_nll", "kl_to_teacher", "top1_agreement"):
@@ -118,21 +115,21 @@ def test_numbers_match_a_direct_computation(name, folders):
 
 def test_static_model_vs_itself_has_no_zero_slots_and_no_kl(folders):
     folder = folders["static-qwen3_moe"]
-    got = run_eval(str(folder), EvalSettings(data=folders["data"], teacher=str(folder), record=False))
+    got = run_eval(str(folder), EvalSection(data=folders["data"], teacher=str(folder), record=False))
     assert got["zero_share"] == 0 and set(got["zero_share_per_layer"].values()) == {0.0}
     assert got["kl_to_teacher"] == pytest.approx(0.0, abs=1e-9) and got["top1_agreement"] == 1.0
     assert got["heldout_nll"] == pytest.approx(got["teacher_nll"]) and got["expert_flops_ratio"] == 1.0
 
 
 def test_static_model_without_teacher_reports_no_teacher_metrics(folders):
-    got = run_eval(str(folders["static-qwen3_moe"]), EvalSettings(data=folders["data"], record=False))
+    got = run_eval(str(folders["static-qwen3_moe"]), EvalSection(data=folders["data"], record=False))
     assert got["teacher"] is None and "kl_to_teacher" not in got and got["heldout_nll"] > 0
 
 
 @pytest.mark.parametrize("name", ["dynamic-qwen3_moe", "dynamic-glm4_moe_lite", "static-glm4_moe_lite"])
 def test_expert_flops_agree_with_the_matmul_counter(name, folders):
     from zeda_cli.architectures import resolve_config
-    from zeda_cli.checkpoint import read_config_json
+    from zeda_cli.io.sources import read_config_json
 
     folder = folders[name]
     rc = resolve_config(read_config_json(folder))
@@ -182,14 +179,15 @@ def test_cli_table_and_default_data_from_the_source_folder(folders, tmp_path):
     shutil.copytree(folders["static-qwen3_moe"], static)
     (static / "data").mkdir()
     shutil.copy(folders["data"], static / "data" / "heldout.jsonl")
-    from zeda_cli.zero_experts import InjectSettings, inject_zero_experts
+    from zeda_cli.inject import inject_zero_experts
+    from zeda_cli.recipes import ZeroExpertsSection
 
-    inject_zero_experts(str(static), tmp_path / "dyn", InjectSettings())
+    inject_zero_experts(str(static), tmp_path / "dyn", zero=ZeroExpertsSection())
     result = runner.invoke(app, ["eval", str(tmp_path / "dyn"), "--no-record", "--max-samples", "3"])
     assert result.exit_code == 0, result.output
     assert "zero-slot share" in result.stdout and "per MoE layer" in result.stdout and "3 texts" in result.stdout
     assert "eval" not in read_manifest(tmp_path / "dyn").metrics
-    got = run_eval(str(tmp_path / "dyn"), EvalSettings(max_samples=3, record=False))
+    got = run_eval(str(tmp_path / "dyn"), EvalSection(max_samples=3, record=False))
     assert got["data"] == str(static / "data" / "heldout.jsonl")
 
 
@@ -248,6 +246,6 @@ BUNDLED_NLL_BOUND = 4.0
 
 @pytest.mark.skipif(not BUNDLED.is_dir(), reason="models/pystdlib-moe is not built yet (scripts/ trains it)")
 def test_bundled_model_loads_offline_and_is_a_trained_lm():
-    got = run_eval(str(BUNDLED), EvalSettings(max_samples=16, max_length=256, record=False))
+    got = run_eval(str(BUNDLED), EvalSection(max_samples=16, max_length=256, record=False))
     assert got["zero_share"] == 0 and got["tokens"] > 1000
     assert got["heldout_nll"] < BUNDLED_NLL_BOUND

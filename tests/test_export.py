@@ -13,10 +13,10 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from zeda_cli import load_model
-from zeda_cli.checkpoint import Checkpoint
 from zeda_cli.cli import app
 from zeda_cli.errors import EXIT_BAD_INPUT, EXIT_CHECKPOINT, EXIT_UNSUPPORTED
-from zeda_cli.manifest import file_record, read_manifest, write_manifest
+from zeda_cli.io.reader import Checkpoint
+from zeda_cli.runs import file_record, read_manifest, write_manifest
 
 runner = CliRunner()
 
@@ -276,7 +276,8 @@ def distilled(tiny_dynamic, tmp_path) -> Path:
     stage2 = _copy_run(inject, tmp_path / "stage2")
     for name, text in {**AUX_FILES, "rollouts.jsonl": "{}\n", "teacher_router.pt": "x"}.items():
         (stage2 / name).write_text(text)
-    _reseal(stage2, stage="stage2", inputs={"student": str(inject), "teacher": {"path": str(inject)}}, metrics=METRICS)
+    inputs = {"student": str(inject), "teacher": {"path": str(inject)}}
+    _reseal(stage2, stage="stage2", parent=str(inject.resolve()), inputs=inputs, metrics=METRICS)
     return stage2
 
 
@@ -332,7 +333,7 @@ def test_export_copies_tokenizer_template_and_recipe_and_carries_metrics(distill
     )
     assert [s["stage"] for s in manifest.inputs["lineage"]] == ["stage2", "inject"]
     assert set(AUX_FILES) <= set(manifest.files)
-    from zeda_cli.export import verified_manifest
+    from zeda_cli.runs import verified_manifest
 
     assert verified_manifest(out).stage == "export"  # what push will check
 

@@ -9,10 +9,11 @@ import torch
 from safetensors import safe_open
 
 from tiny_models import FAMILIES
-from zeda_cli.checkpoint import open_checkpoint
+from zeda_cli.inject import expand_router_bias, expand_router_weight, inject_zero_experts
 from zeda_cli.inspect_model import inspect_model
-from zeda_cli.manifest import read_manifest, verify_files
-from zeda_cli.zero_experts import InjectSettings, expand_router_bias, expand_router_weight, inject_zero_experts
+from zeda_cli.io.reader import open_checkpoint
+from zeda_cli.recipes import ZeroExpertsSection
+from zeda_cli.runs import read_manifest, verify_files
 
 
 def _all_tensors(folder) -> dict[str, torch.Tensor]:
@@ -61,9 +62,9 @@ def test_gaussian_rows_follow_the_original_statistics():
 
 def test_same_seed_same_rows_other_seed_other_rows(tiny_static, tmp_path):
     src = str(tiny_static("qwen3_moe"))
-    a = inject_zero_experts(src, tmp_path / "a", InjectSettings(seed=3)).out
-    b = inject_zero_experts(src, tmp_path / "b", InjectSettings(seed=3)).out
-    c = inject_zero_experts(src, tmp_path / "c", InjectSettings(seed=4)).out
+    a = inject_zero_experts(src, tmp_path / "a", zero=ZeroExpertsSection(seed=3)).out
+    b = inject_zero_experts(src, tmp_path / "b", zero=ZeroExpertsSection(seed=3)).out
+    c = inject_zero_experts(src, tmp_path / "c", zero=ZeroExpertsSection(seed=4)).out
     key = "model.layers.0.mlp.gate.weight"
     ta, tb, tc = (_all_tensors(f)[key] for f in (a, b, c))
     assert torch.equal(ta, tb) and not torch.equal(ta, tc)

@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 from hub_server import HubServer
 from zeda_cli.cli import app
 from zeda_cli.errors import EXIT_BAD_INPUT, EXIT_CHECKPOINT, EXIT_EXTERNAL
-from zeda_cli.hub import PushSettings, push_folder
+from zeda_cli.push import push_folder
+from zeda_cli.recipes import PushSection
 
 runner = CliRunner()
 TOKEN = "hf_test_token"
@@ -22,10 +23,11 @@ TOKEN = "hf_test_token"
 @pytest.fixture(scope="module")
 def exported(tiny_dynamic, tmp_path_factory) -> Path:
     """An export of the tiny Qwen3-MoE in several shards (LFS files) + config, card, code, manifest (regular)."""
-    from zeda_cli.export import ExportSettings, export_run
+    from zeda_cli.export import export_run
+    from zeda_cli.recipes import ExportSection
 
     out = tmp_path_factory.mktemp("push") / "export"
-    export_run(tiny_dynamic("qwen3_moe"), out, ExportSettings(max_shard_size="60KB"))
+    export_run(tiny_dynamic("qwen3_moe"), out, settings=ExportSection(max_shard_size="60KB"))
     return out
 
 
@@ -33,7 +35,7 @@ def exported(tiny_dynamic, tmp_path_factory) -> Path:
 def waits(monkeypatch) -> list[float]:
     """Backoff sleeps of zeda's retry loop, recorded instead of slept."""
     slept: list[float] = []
-    monkeypatch.setattr("zeda_cli.hub.time.sleep", slept.append)
+    monkeypatch.setattr("zeda_cli.push.time.sleep", slept.append)
     return slept
 
 
@@ -129,11 +131,12 @@ def test_transient_failure_is_retried_and_the_upload_resumes(hub, exported, wait
 
 
 def test_stale_weight_files_of_an_earlier_push_are_deleted(hub, exported, tiny_dynamic, tmp_path):
-    from zeda_cli.export import ExportSettings, export_run
+    from zeda_cli.export import export_run
+    from zeda_cli.recipes import ExportSection
 
     assert _push(str(exported), "my-org/tiny-zeda").exit_code == 0
     single = tmp_path / "single"
-    export_run(tiny_dynamic("qwen3_moe"), single, ExportSettings(max_shard_size="5GB"))
+    export_run(tiny_dynamic("qwen3_moe"), single, settings=ExportSection(max_shard_size="5GB"))
     assert (single / "model.safetensors").exists()
     assert _push(str(single), "my-org/tiny-zeda").exit_code == 0
     remote = hub.files("my-org/tiny-zeda")
@@ -160,8 +163,8 @@ def test_the_hub_api_is_injectable(exported, monkeypatch):
             return lambda *a, **k: calls.append((name, a, k)) or f"http://fake/{name}"
 
     monkeypatch.delenv("HF_TOKEN", raising=False)
-    settings = PushSettings(revision="refs/pr/3", commit_message="m")
-    result = push_folder(exported, "org/name", settings, token="t", api_factory=lambda token: FakeApi())
+    settings = PushSection(revision="refs/pr/3", commit_message="m")
+    result = push_folder(exported, "org/name", settings=settings, token="t", api_factory=lambda token: FakeApi())
     assert [c[0] for c in calls] == ["create_repo", "upload_folder"]  # refs/pr/N exists already: no branch
     assert calls[1][2]["revision"] == "refs/pr/3" and calls[1][2]["commit_message"] == "m"
     assert result.revision == "refs/pr/3"

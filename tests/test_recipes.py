@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from zeda_cli.convert import pick_recipe
 from zeda_cli.errors import ZedaError
+from zeda_cli.pipeline.convert import pick_recipe
 from zeda_cli.recipes import Recipe, load_recipe, recipes_dir
 
 SHIPPED = sorted(recipes_dir().glob("*.yaml"))

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from reference_moe import reference_block
 from tiny_models import FAMILIES, SIGMOID_VARIANTS, SOFTMAX_VARIANTS
 from zeda_cli import load_model
-from zeda_cli.flop_count import MatmulFlopCounter
+from zeda_cli.evaluate.flops import MatmulFlopCounter
 from zeda_cli.runtime.zeda_dynamic_moe import RoutingRecorder, routers, set_zero_expert_bias
 
 ALL = list(FAMILIES)

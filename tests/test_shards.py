@@ -9,10 +9,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from zeda_cli.checkpoint import open_checkpoint
 from zeda_cli.errors import BadInputError, CheckpointError
-from zeda_cli.manifest import sha256_file
-from zeda_cli.shards import OutTensor, parse_size, plan_shards, tensor_out, write_sharded
+from zeda_cli.io.reader import open_checkpoint
+from zeda_cli.io.writer import OutTensor, parse_size, plan_shards, tensor_out, write_sharded
+from zeda_cli.runs import sha256_file
 
 
 def _tensors() -> dict[str, torch.Tensor]:

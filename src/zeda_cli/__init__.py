@@ -12,7 +12,7 @@ __all__ = ["__version__", "load_model", "load_tokenizer"]
 
 def __getattr__(name: str) -> Any:
     if name in ("load_model", "load_tokenizer"):
-        from . import modeling
+        from .runtime import loading
 
-        return getattr(modeling, name)
+        return getattr(loading, name)
     raise AttributeError(name)

@@ -1,6 +1,9 @@
 """Output channels: results (tables, JSON) on stdout; logs, progress and errors on stderr.
 
-An :class:`Output` is made once per command invocation in ``cli.py`` and passed down explicitly.
+An :class:`Output` is made once per command invocation in ``cli/`` and passed down explicitly. Progress is a Rich
+bar on a terminal; in a log (CI, a pipe, a file) it is plain lines instead, at least one every ``ZEDA_LOG_INTERVAL``
+seconds (default 20) while a task runs: position, the task's own numbers (loss, zero share, tokens/s), elapsed,
+ETA.
 """
 
 from __future__ import annotations
@@ -8,10 +11,12 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
 from rich.console import Console
 from rich.markup import escape
@@ -64,15 +69,35 @@ class Output:
 
     @contextmanager
     def progress(self) -> Iterator[ProgressBar]:
-        bar = ProgressBar(self)
+        bar: ProgressBar = RichProgress(self) if self.stderr.is_terminal else LogProgress(self, log_interval())
         try:
             yield bar
         finally:
             bar.stop()
 
 
-class ProgressBar:
-    """Thin wrapper so library code can report progress without importing Rich; starts with its first task."""
+def log_interval() -> float:
+    return float(os.environ.get("ZEDA_LOG_INTERVAL", "20"))
+
+
+class ProgressBar(Protocol):
+    """What library code reports progress to (it never imports Rich): tasks, advanced with an info text."""
+
+    def task(self, description: str, total: float | None) -> Any: ...
+    def advance(self, task: Any, amount: float = 1, info: str | None = None) -> None: ...
+    def track(self, items: Sequence[Any] | Iterable[Any], description: str, total: int | None = None) -> Any: ...
+    def stop(self) -> None: ...
+
+
+def _track(bar: ProgressBar, items: Sequence[Any] | Iterable[Any], description: str, total: int | None):
+    task = bar.task(description, total if total is not None else len(items))  # type: ignore[arg-type]
+    for item in items:
+        yield item
+        bar.advance(task)
+
+
+class RichProgress:
+    """A live Rich bar on a terminal; starts with its first task."""
 
     def __init__(self, out: Output):
         self._started = False
@@ -105,10 +130,84 @@ class ProgressBar:
             self.rich.update(task, advance=amount, info=info)
 
     def track(self, items: Sequence[Any] | Iterable[Any], description: str, total: int | None = None):
-        task = self.task(description, total if total is not None else len(items))  # type: ignore[arg-type]
-        for item in items:
-            yield item
-            self.advance(task)
+        return _track(self, items, description, total)
+
+
+@dataclass
+class _LogTask:
+    description: str
+    total: float | None
+    started: float
+    completed: float = 0.0
+    info: str = ""
+    printed: float = 0.0  # when its last line was written
+
+
+class LogProgress:
+    """Progress as plain lines for logs: a line when a task starts and ends, and at least one per ``interval``
+    seconds in between (a background thread repeats the latest numbers when one step takes longer than that)."""
+
+    def __init__(self, out: Output, interval: float):
+        self.out = out
+        self.interval = interval
+        self.tasks: list[_LogTask] = []
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def task(self, description: str, total: float | None) -> int:
+        with self._lock:
+            self.tasks.append(_LogTask(description, total, time.monotonic()))
+            self._line(self.tasks[-1])
+        if self._thread is None and not self.out.quiet:
+            self._thread = threading.Thread(target=self._heartbeat, name="zeda-progress", daemon=True)
+            self._thread.start()
+        return len(self.tasks) - 1
+
+    def advance(self, task: int, amount: float = 1, info: str | None = None) -> None:
+        with self._lock:
+            t = self.tasks[task]
+            t.completed += amount
+            t.info = t.info if info is None else info
+            if self._finished(t) or time.monotonic() - t.printed >= self.interval:
+                self._line(t)
+
+    def track(self, items: Sequence[Any] | Iterable[Any], description: str, total: int | None = None):
+        return _track(self, items, description, total)
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _heartbeat(self) -> None:
+        while not self._stopped.wait(min(max(self.interval / 4, 0.05), 5.0)):
+            with self._lock:
+                for t in self.tasks:
+                    if not self._finished(t) and time.monotonic() - t.printed >= self.interval:
+                        self._line(t)
+
+    @staticmethod
+    def _finished(t: _LogTask) -> bool:
+        return t.total is not None and t.completed >= t.total
+
+    def _line(self, t: _LogTask) -> None:
+        now = time.monotonic()
+        t.printed = now
+        elapsed = now - t.started
+        where = f"{t.completed:g}/{t.total:g}" if t.total else f"{t.completed:g}"
+        eta = ""
+        if t.total and 0 < t.completed < t.total:
+            eta = f", ETA {_duration(elapsed / t.completed * (t.total - t.completed))}"
+        info = f" {t.info}" if t.info else ""
+        self.out.log(f"{t.description}: {where}{info} | {_duration(elapsed)} elapsed{eta}")
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
 def key_value_table(title: str, rows: Iterable[tuple[str, Any]]) -> Table:

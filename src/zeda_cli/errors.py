@@ -1,6 +1,6 @@
 """The ZedaError family: every user-facing failure says what was received, what was expected, and the fix.
 
-Library code raises these; only ``cli.py`` turns them into a message on stderr and an exit code.
+Library code raises these; only ``cli/`` turns them into a message on stderr and an exit code.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ EXIT_UNSUPPORTED = 3  # the model is dense, of an unsupported family, or already
 EXIT_CHECKPOINT = 4  # missing / corrupted / inconsistent checkpoint files
 EXIT_EXTERNAL = 5  # the Hub, network, disk space, launcher
 EXIT_STAGE_FAILED = 6  # a pipeline stage ran and failed
+EXIT_GATE_FAILED = 7  # zeda eval: a quality gate (--max-nll-rise, --min-zero-share, ...) was violated
 EXIT_INTERRUPTED = 130
 
 
@@ -35,7 +36,7 @@ class ZedaError(Exception):
             parts.append(f"expected {self.expected.rstrip('.')}")
         if self.fix:
             parts.append(f"fix: {self.fix.rstrip('.')}")
-        return "; ".join(parts)
+        return " ".join("; ".join(parts).split())  # third-party messages quoted inside may span lines
 
 
 class BadInputError(ZedaError):

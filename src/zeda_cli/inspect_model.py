@@ -6,14 +6,18 @@ Local folders are read from disk; Hub ids fetch config.json and read the shard h
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .architectures import ResolvedConfig, resolve_config, supported_model_types
-from .checkpoint import Source, open_checkpoint, read_config_json, resolve_source
 from .errors import EXIT_OK, EXIT_UNSUPPORTED, ExternalError, UnsupportedModelError
+from .evaluate.flops import ExpertFlops
+from .io.reader import INDEX_FILE, SINGLE_FILE, nbytes_of, open_checkpoint
+from .io.sources import Source, read_config_json, resolve_source
+from .model_ref import ModelRef
 
 Listing = dict[str, tuple[str, tuple[int, ...]]]  # tensor name -> (dtype code, shape)
 
@@ -54,6 +58,7 @@ class InspectReport:
 
 
 def inspect_model(spec: str, *, token: str | None = None) -> InspectReport:
+    """The report for a folder or Hub id (only config.json and the safetensors headers are fetched)."""
     source = resolve_source(spec, allow_patterns=["config.json"], token=token)
     raw = read_config_json(source.folder)
     try:
@@ -62,14 +67,19 @@ def inspect_model(spec: str, *, token: str | None = None) -> InspectReport:
         return InspectReport(
             spec, raw.get("model_type"), False, err.one_line(), EXIT_UNSUPPORTED, architecture=_arch(raw)
         )
-    report = _describe(spec, rc)
-    listing = _listing(source, token)
-    report.params = _param_counts(listing, rc)
+    return describe_model(ModelRef(source, rc), token=token)
+
+
+def describe_model(model: ModelRef, *, token: str | None = None) -> InspectReport:
+    """The report for a model already resolved (a supported MoE)."""
+    report = _describe(model.source.spec, model.rc)
+    listing = _listing(model.source, token)
+    report.params = _param_counts(listing, model.rc)
     report.checkpoint = {
         "tensors": len(listing),
-        "bytes": sum(_nbytes(d, s) for d, s in listing.values()),
+        "bytes": sum(nbytes_of(d, s) for d, s in listing.values()),
         "dtypes": dict(Counter(d for d, _ in listing.values())),
-        "largest_tensor_bytes": max((_nbytes(d, s) for d, s in listing.values()), default=0),
+        "largest_tensor_bytes": max((nbytes_of(d, s) for d, s in listing.values()), default=0),
     }
     return report
 
@@ -84,12 +94,10 @@ def _describe(spec: str, rc: ResolvedConfig) -> InspectReport:
     n_group, topk_group = adapter.groups(hf)
     moe = rc.moe_layers
     h, i, k = int(hf.hidden_size), adapter.expert_intermediate(hf), rc.top_k
+    flops = ExpertFlops.of(rc)
     shared = None
-    shared_flops = None
     if adapter.shared_expert is not None:
-        width = adapter.shared_expert.intermediate(hf)
-        shared = {"intermediate_size": width, "gated": adapter.shared_expert.gated}
-        shared_flops = 2 * 3 * h * width * len(moe)
+        shared = {"intermediate_size": adapter.shared_expert.intermediate(hf), "gated": adapter.shared_expert.gated}
     zeda = rc.raw.get("zeda") or {}
     if rc.dynamic:
         verdict = f"dynamic MoE ({rc.dynamic_format} format): {rc.num_experts} experts + {rc.num_zero_experts} zero"
@@ -119,13 +127,13 @@ def _describe(spec: str, rc: ResolvedConfig) -> InspectReport:
         num_zero_experts=rc.num_zero_experts,
         use_zce_mask=rc.use_zce_mask if rc.dynamic else None,
         target_skip=zeda.get("target_skip"),
-        expert_flops_per_token=2 * 3 * h * i * k * len(moe),
-        shared_expert_flops_per_token=shared_flops,
+        expert_flops_per_token=flops.static_per_token,
+        shared_expert_flops_per_token=flops.shared_per_token,
     )
 
 
 def _listing(source: Source, token: str | None) -> Listing:
-    if source.repo_id is None:
+    if source.repo_id is None or any((source.folder / f).exists() for f in (INDEX_FILE, SINGLE_FILE)):
         ckpt = open_checkpoint(source.folder)
         return {name: (t.dtype, t.shape) for name, t in ckpt.tensors.items()}
     from huggingface_hub import HfApi
@@ -145,15 +153,6 @@ def _listing(source: Source, token: str | None) -> Listing:
     }
 
 
-def _nbytes(dtype: str, shape: tuple[int, ...]) -> int:
-    from .checkpoint import DTYPES
-
-    n = DTYPES.get(dtype, (None, 0))[1]
-    for d in shape:
-        n *= d
-    return n
-
-
 def _param_counts(listing: Listing, rc: ResolvedConfig) -> dict[str, int]:
     def pattern(suffix: str) -> re.Pattern[str]:
         alts = "|".join(re.escape(t).replace(re.escape("{layer}"), r"\d+") for t in rc.adapter.block_prefixes)
@@ -163,11 +162,8 @@ def _param_counts(listing: Listing, rc: ResolvedConfig) -> dict[str, int]:
              "router": pattern(r"gate\.")}  # fmt: skip
     counts = dict.fromkeys([*kinds, "other"], 0)
     for name, (_, shape) in listing.items():
-        numel = 1
-        for d in shape:
-            numel *= d
         kind = next((k for k, p in kinds.items() if p.match(name)), "other")
-        counts[kind] += numel
+        counts[kind] += math.prod(shape)
     total = sum(counts.values())
     routed = counts["routed_experts"]
     counts["total"] = total

@@ -1,23 +1,54 @@
 """Recipes: one YAML file drives every stage. Frozen pydantic models, unknown keys rejected, all problems at once.
 
-``load_recipe(path, overrides)`` reads YAML, applies ``--set key.path=value`` overrides (values parsed as YAML)
-to the raw dict *before* validation, and returns a :class:`Recipe`. Defaults are the official ZEDA settings
-(research/zeda-paper.md); CLI flags of single commands override the recipe they load.
+``load_recipe(path, overrides, values=..., flags=...)`` reads YAML, applies command-line values and ``--set
+key.path=value`` overrides (values parsed as YAML) to the raw dict *before* validation, and returns a
+:class:`Recipe`. This is the one route settings take: every command builds its sections here, so a bad flag and a
+bad recipe key get the same checks and the same kind of message (naming the flag when it came from one).
+Defaults are the official ZEDA settings (docs/method.md).
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import BadInputError, ZedaError, raise_all
 
-Share = Annotated[float, Field(gt=0.0, lt=1.0)]
+Share = Annotated[float, Field(gt=0.0, lt=1.0, json_schema_extra={"expected": "a share in (0, 1)"})]
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegative = Annotated[float, Field(ge=0.0)]
+FloatDtype = Literal["auto", "bfloat16", "float16", "float32"]
+BASELINES = ("top_p", "naee", "threshold", "static_topk", "entropy_k", "random")  # evaluate.baselines.METHODS
+
+
+class FieldProblem(ValueError):
+    """Raised by a field validator with a complete zeda message (the renderer uses it as it is)."""
+
+    def __init__(self, problem: ZedaError):
+        super().__init__(problem.one_line())
+        self.problem = problem
+
+
+def expected(text: str) -> dict[str, Any]:
+    """Field metadata: how a bad value's message describes what is allowed."""
+    return {"json_schema_extra": {"expected": text}}
+
+
+def _size(value: str | int) -> str | int:
+    from .io.writer import parse_size
+
+    try:
+        parse_size(value)
+    except ZedaError as err:
+        raise FieldProblem(err) from None
+    return value
+
+
+ShardSize = Annotated[str | int, Field(json_schema_extra={"expected": "a size like 5GB, 500MB or 2GiB"})]
 
 
 class Section(BaseModel):
@@ -25,10 +56,12 @@ class Section(BaseModel):
 
 
 class ZeroExpertsSection(Section):
-    num_zero_experts: PositiveInt | None = None  # Z per MoE layer; None = N/2
-    init: Literal["gaussian", "masked"] = "gaussian"
+    num_zero_experts: int | None = Field(None, gt=0, **expected("Z > 0"))  # Z per MoE layer; None = N/2
+    init: Annotated[Literal["gaussian", "masked"], Field(**expected("gaussian or masked"))] = "gaussian"
     seed: int = 0
-    max_shard_size: str = "5GB"
+    max_shard_size: ShardSize = "5GB"
+
+    _check_size = field_validator("max_shard_size")(_size)
 
 
 class BalanceSection(Section):
@@ -97,6 +130,8 @@ class Stage2Section(TrainCommon):
     temperature: Annotated[float, Field(gt=0.0)] = 1.0
     max_new_tokens: PositiveInt = 1024
     loss: Literal["sampled", "full"] = "sampled"
+    # sample: mean over each sample's response tokens, then over samples (official); token: over all tokens
+    reduction: Literal["sample", "token"] = "sample"
     kl_chunk_size: PositiveInt = 1024
 
 
@@ -106,23 +141,114 @@ class DistributedSection(Section):
 
 
 class RuntimeSection(Section):
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    dtype: FloatDtype = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     experts_implementation: Literal["grouped_mm", "eager", "batched_mm"] | None = None
 
 
 class ExportSection(Section):
-    format: Literal["zeda", "stock"] = "zeda"
-    max_shard_size: str = "5GB"
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    format: Annotated[Literal["zeda", "stock"], Field(**expected("zeda or stock"))] = "zeda"
+    max_shard_size: ShardSize = "5GB"
+    dtype: Annotated[FloatDtype, Field(**expected("auto, bfloat16, float16, float32"))] = "auto"
+    base_model: str | None = None  # Hub id of the original model for the card, when the run started from a folder
+
+    _check_size = field_validator("max_shard_size")(_size)
+
+    @field_validator("base_model")
+    @classmethod
+    def _hub_id(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[\w.-]+/[\w.-]+", value):
+            fix = "pass the id of the original model, e.g. Qwen/Qwen3-30B-A3B"
+            raise FieldProblem(BadInputError(f"base model {value!r} is not a Hub id", expected="org/name", fix=fix))
+        return value
 
 
 class PushSection(Section):
     repo_id: str | None = None
     private: bool = False
-    revision: str | None = None
+    revision: str | None = None  # a branch (created from main if needed) or refs/pr/N
     create_pr: bool = False
     commit_message: str | None = None
+    attempts: PositiveInt = 4  # tries per Hub call before giving up on a transient failure
+    backoff_s: NonNegative = 2.0  # first wait; doubles after each failed try
+
+    @model_validator(mode="after")
+    def _pr_targets_main(self) -> PushSection:
+        if self.create_pr and self.revision not in (None, "main"):
+            raise FieldProblem(BadInputError(
+                f"--create-pr with --revision {self.revision!r}",
+                expected="--create-pr alone (the pull request targets the default branch)",
+                fix="drop --revision, or push to the branch without --create-pr"))  # fmt: skip
+        return self
+
+
+class EvalSection(Section):
+    """``zeda eval``: data, reference, and (``baseline``) a training-free baseline on the static model."""
+
+    data: Path | None = None  # default: data/heldout.jsonl of the model's folder, its lineage or its original
+    teacher: str | None = None  # default: the original model, from the run's manifests
+    max_samples: int | None = Field(None, ge=1, **expected("--max-samples >= 1"))
+    max_length: Annotated[int, Field(ge=2, **expected("--max-length >= 2"))] = 512
+    batch_size: Annotated[int, Field(ge=1, **expected("--batch-size >= 1"))] = 8
+    device: str = "auto"  # auto, cpu, cuda or cuda:N
+    dtype: FloatDtype = "auto"  # auto: float32 on CPU, the checkpoint's dtype on GPU
+    zero_expert_bias: float | None = None
+    baseline: str | None = None
+    budget: float = 0.5  # baseline: share of the static top-K expert FLOPs kept, in (0, 1]
+    renorm: Annotated[Literal["kept", "none"], Field(**expected("kept or none"))] = "kept"
+    calibration: Path | None = None  # baseline: texts to calibrate on (never the evaluation texts)
+    calibration_samples: Annotated[int, Field(ge=1, **expected("--calibration-samples >= 1"))] = 256
+    seed: int = 0
+    record: bool = True  # write the result into the folder's zeda.json
+    # the quality-vs-FLOPs curve: the routing parameter calibrated to each budget (kept share of expert FLOPs)
+    sweep_bias: bool = False
+    budgets: list[Annotated[float, Field(gt=0.0, le=1.0)]] = [0.3, 0.4, 0.5, 0.6, 0.7]
+    # quality gates (a release pipeline's thresholds); a violated one exits with its own code (README, Exit codes)
+    max_nll_rise: float | None = Field(None, **expected("a percentage such as 3% or 3"))  # NLL delta, in %
+    max_kl: float | None = Field(None, ge=0.0)
+    min_top1: float | None = Field(None, ge=0.0, le=1.0)
+    min_zero_share: float | None = Field(None, ge=0.0, le=1.0)
+    max_expert_flops: float | None = Field(None, gt=0.0, le=1.0)
+
+    @property
+    def has_gates(self) -> bool:
+        return any(v is not None for v in (self.max_nll_rise, self.max_kl, self.min_top1, self.min_zero_share,
+                                           self.max_expert_flops))  # fmt: skip
+
+    @field_validator("budgets", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        return [part for part in value.split(",") if part.strip()] if isinstance(value, str) else value
+
+    @field_validator("max_nll_rise", mode="before")
+    @classmethod
+    def _percent(cls, value: Any) -> Any:
+        return value.strip().removesuffix("%") if isinstance(value, str) else value
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if value not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", value):
+            raise FieldProblem(BadInputError(f"--device {value!r} is unknown", expected="auto, cpu, cuda or cuda:N"))
+        return value
+
+    @field_validator("baseline")
+    @classmethod
+    def _baseline(cls, value: str | None) -> str | None:
+        if value is not None and value not in BASELINES:
+            raise FieldProblem(BadInputError(f"unknown baseline {value!r}", expected=f"one of: {', '.join(BASELINES)}",
+                                             fix="pick one with --baseline"))  # fmt: skip
+        return value
+
+    @field_validator("budget")
+    @classmethod
+    def _budget(cls, value: float) -> float:
+        if not 0.0 < value <= 1.0:
+            raise FieldProblem(BadInputError(
+                f"budget {value} is outside (0, 1]",
+                expected="the share of the static top-K expert FLOPs to keep, e.g. 0.5",
+                fix="pass --budget in (0, 1]"))  # fmt: skip
+        return value
 
 
 class Recipe(Section):
@@ -140,6 +266,7 @@ class Recipe(Section):
     stage2: Stage2Section = Stage2Section()
     distributed: DistributedSection = DistributedSection()
     runtime: RuntimeSection = RuntimeSection()
+    eval: EvalSection = EvalSection()
     export: ExportSection = ExportSection()
     push: PushSection = PushSection()
 
@@ -199,14 +326,16 @@ def _path_error(path: list[str]) -> ZedaError | None:
     return None
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+def apply_overrides(raw: dict[str, Any], overrides: list[str], values: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``values`` (dotted key -> value, from command-line flags; None = not given) then ``--set`` texts, in order."""
     problems: list[ZedaError] = []
+    settings: list[tuple[list[str], Any]] = [(k.split("."), v) for k, v in (values or {}).items() if v is not None]
     for text in overrides:
         try:
-            path, value = parse_override(text)
+            settings.append(parse_override(text))
         except ZedaError as err:
             problems.append(err)
-            continue
+    for path, value in settings:
         if (err := _path_error(path)) is not None:
             problems.append(err)
             continue
@@ -231,16 +360,20 @@ def merge_into_defaults(raw: dict[str, Any]) -> dict[str, Any]:
     return merge(Recipe().model_dump(mode="json"), raw)
 
 
-def validate_recipe(raw: dict[str, Any], origin: str = "recipe") -> Recipe:
+def validate_recipe(raw: dict[str, Any], origin: str = "recipe", flags: dict[str, str] | None = None) -> Recipe:
+    """The recipe, or every problem at once; a problem with a key in ``flags`` is named by that flag."""
     try:
         return Recipe.model_validate(merge_into_defaults(raw))
     except ValidationError as err:
-        raise_all([_field_error(origin, e) for e in err.errors()])
+        raise_all([_field_error(origin, e, flags or {}) for e in err.errors()])
         raise  # unreachable: errors() is never empty
 
 
-def _field_error(origin: str, e: dict[str, Any]) -> ZedaError:
+def _field_error(origin: str, e: dict[str, Any], flags: dict[str, str]) -> ZedaError:
     loc = ".".join(str(p) for p in e["loc"])
+    problem = e.get("ctx", {}).get("error")
+    if isinstance(problem, FieldProblem):
+        return _flag_problem(flags[loc], problem.problem) if loc in flags else _keyed(f"{origin}: {loc}", problem)
     if e["type"] == "extra_forbidden":
         allowed = _allowed_keys(Recipe, [str(p) for p in e["loc"][:-1]])
         return BadInputError(
@@ -252,11 +385,50 @@ def _field_error(origin: str, e: dict[str, Any]) -> ZedaError:
     detail = e["msg"]
     if e["type"] == "literal_error":
         detail = f"allowed values: {e.get('ctx', {}).get('expected', '')}"
+    if loc in flags:
+        shown = f"{received!r}" if isinstance(received, str) else f"{received}"
+        return BadInputError(
+            f"{flags[loc]} {shown} ({loc})", expected=_expected(e["loc"]) or detail, fix=f"pass another {flags[loc]}"
+        )
     return BadInputError(f"{origin}: {loc or 'recipe'} = {received!r} is invalid", expected=detail, fix=f"set {loc}")
 
 
-def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
-    """Read a YAML recipe (or start from defaults), apply --set overrides, validate."""
+def _flag_problem(flag: str, problem: ZedaError) -> ZedaError:
+    """A validator's message, named by the flag that carried the value (unless it names it already)."""
+    return problem if flag in problem.received else BadInputError(f"{flag}: {problem.one_line()}")
+
+
+def _keyed(where: str, problem: FieldProblem) -> ZedaError:
+    """A validator's message about a recipe key; a model-level check (``--create-pr with --revision``) as it is."""
+    text = problem.problem.one_line()
+    return problem.problem if text.startswith("--") else BadInputError(f"{where}: {text}")
+
+
+def _expected(loc: tuple[Any, ...]) -> str | None:
+    """The ``expected`` text declared on the field at ``loc`` (None when it declares none)."""
+    model: type[BaseModel] = Recipe
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        model = _section_of(field.annotation) if field else None  # type: ignore[assignment]
+        if model is None:
+            return None
+    field = model.model_fields.get(str(loc[-1]))
+    extra = field.json_schema_extra if field else None
+    return extra.get("expected") if isinstance(extra, dict) else None  # type: ignore[return-value]
+
+
+def load_recipe(
+    path: str | Path | None,
+    overrides: list[str] | None = None,
+    *,
+    values: dict[str, Any] | None = None,
+    flags: dict[str, str] | None = None,
+) -> Recipe:
+    """Read a YAML recipe (or start from defaults), apply flag ``values`` and ``--set`` overrides, validate.
+
+    ``values`` maps dotted recipe keys to what the command line gave (None: not given); ``flags`` maps the same keys
+    to the flag names, so that a bad value is reported as the user typed it (``--zero-experts 0; expected Z > 0``).
+    """
     raw: dict[str, Any] = {}
     origin = "recipe"
     if path is not None:
@@ -270,7 +442,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise BadInputError(f"{file} holds a {type(loaded).__name__}", expected="a YAML mapping of sections")
         raw = loaded or {}
         _anchor_paths(raw, file.parent)
-    return validate_recipe(apply_overrides(raw, overrides or []), origin)
+    return validate_recipe(apply_overrides(raw, overrides or [], values), origin, flags)
 
 
 _PATH_KEYS = (("model",), ("teacher",), ("data", "prompts"), ("distributed", "deepspeed"))

@@ -24,12 +24,9 @@ class SharedExpert:
 
 @dataclass(frozen=True)
 class MoEAdapter:
-    model_type: str  # config.model_type of the static family, e.g. "qwen3_moe"
-    hf_module: str  # transformers.models.<hf_module>
-    config_class: str  # e.g. "Qwen3MoeConfig"
-    causal_lm_class: str  # e.g. "Qwen3MoeForCausalLM"
+    model_type: str  # config.model_type of the static family, e.g. "qwen3_moe" (= its transformers module)
+    class_prefix: str  # transformers' class-name prefix, e.g. "Qwen3Moe" (Qwen3MoeConfig, Qwen3MoeForCausalLM)
     moe_block_class: str  # e.g. "Qwen3MoeSparseMoeBlock": the module whose gate/experts become dynamic
-    dynamic_architecture: str  # official ZEDA name, e.g. "Qwen3MoePlusPlusForCausalLM"
     scoring: Literal["softmax", "sigmoid"]
     num_experts_attr: str  # config attribute holding N
     expert_intermediate_attr: str  # config attribute holding each routed expert's intermediate size
@@ -44,7 +41,23 @@ class MoEAdapter:
     # Mixtral's w1/w2/w3) or fused ("experts.gate_up_proj" / "experts.down_proj", experts stacked along dim 0).
     experts_name: str = "experts"
 
-    # --- names -------------------------------------------------------------------------------------------------
+    # --- names (transformers' and the official ZEDA release's conventions) ----------------------------------------
+    @property
+    def hf_module(self) -> str:  # transformers.models.<hf_module>
+        return self.model_type
+
+    @property
+    def config_class(self) -> str:
+        return f"{self.class_prefix}Config"
+
+    @property
+    def causal_lm_class(self) -> str:
+        return f"{self.class_prefix}ForCausalLM"
+
+    @property
+    def dynamic_architecture(self) -> str:  # the official ZEDA name, e.g. "Qwen3MoePlusPlusForCausalLM"
+        return f"{self.class_prefix}PlusPlusForCausalLM"
+
     @property
     def dynamic_model_type(self) -> str:
         return f"{self.model_type}_plus_plus"

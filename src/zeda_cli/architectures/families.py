@@ -34,11 +34,8 @@ _SIGMOID_ROUTER = dict(
 
 QWEN3_MOE = MoEAdapter(
     model_type="qwen3_moe",
-    hf_module="qwen3_moe",
-    config_class="Qwen3MoeConfig",
-    causal_lm_class="Qwen3MoeForCausalLM",
+    class_prefix="Qwen3Moe",
     moe_block_class="Qwen3MoeSparseMoeBlock",
-    dynamic_architecture="Qwen3MoePlusPlusForCausalLM",
     scoring="softmax",
     num_experts_attr="num_experts",
     expert_intermediate_attr="moe_intermediate_size",
@@ -47,11 +44,8 @@ QWEN3_MOE = MoEAdapter(
 
 QWEN2_MOE = MoEAdapter(
     model_type="qwen2_moe",
-    hf_module="qwen2_moe",
-    config_class="Qwen2MoeConfig",
-    causal_lm_class="Qwen2MoeForCausalLM",
+    class_prefix="Qwen2Moe",
     moe_block_class="Qwen2MoeSparseMoeBlock",
-    dynamic_architecture="Qwen2MoePlusPlusForCausalLM",
     scoring="softmax",
     num_experts_attr="num_experts",
     expert_intermediate_attr="moe_intermediate_size",
@@ -61,11 +55,8 @@ QWEN2_MOE = MoEAdapter(
 
 MIXTRAL = MoEAdapter(
     model_type="mixtral",
-    hf_module="mixtral",
-    config_class="MixtralConfig",
-    causal_lm_class="MixtralForCausalLM",
+    class_prefix="Mixtral",
     moe_block_class="MixtralSparseMoeBlock",
-    dynamic_architecture="MixtralPlusPlusForCausalLM",
     scoring="softmax",
     num_experts_attr="num_local_experts",
     expert_intermediate_attr="intermediate_size",
@@ -77,11 +68,8 @@ MIXTRAL = MoEAdapter(
 
 OLMOE = MoEAdapter(
     model_type="olmoe",
-    hf_module="olmoe",
-    config_class="OlmoeConfig",
-    causal_lm_class="OlmoeForCausalLM",
+    class_prefix="Olmoe",
     moe_block_class="OlmoeSparseMoeBlock",
-    dynamic_architecture="OlmoePlusPlusForCausalLM",
     scoring="softmax",
     num_experts_attr="num_experts",
     expert_intermediate_attr="intermediate_size",
@@ -90,33 +78,24 @@ OLMOE = MoEAdapter(
 
 GLM4_MOE_LITE = MoEAdapter(
     model_type="glm4_moe_lite",
-    hf_module="glm4_moe_lite",
-    config_class="Glm4MoeLiteConfig",
-    causal_lm_class="Glm4MoeLiteForCausalLM",
+    class_prefix="Glm4MoeLite",
     moe_block_class="Glm4MoeLiteMoE",
-    dynamic_architecture="Glm4MoeLitePlusPlusForCausalLM",
     moe_layers=mlp_layer_types_layers,
     **_SIGMOID_ROUTER,
 )
 
 GLM4_MOE = MoEAdapter(
     model_type="glm4_moe",
-    hf_module="glm4_moe",
-    config_class="Glm4MoeConfig",
-    causal_lm_class="Glm4MoeForCausalLM",
+    class_prefix="Glm4Moe",
     moe_block_class="Glm4MoeMoE",
-    dynamic_architecture="Glm4MoePlusPlusForCausalLM",
     moe_layers=first_k_dense_layers,
     **_SIGMOID_ROUTER,
 )
 
 DEEPSEEK_V3 = MoEAdapter(
     model_type="deepseek_v3",
-    hf_module="deepseek_v3",
-    config_class="DeepseekV3Config",
-    causal_lm_class="DeepseekV3ForCausalLM",
+    class_prefix="DeepseekV3",
     moe_block_class="DeepseekV3MoE",
-    dynamic_architecture="DeepseekV3PlusPlusForCausalLM",
     moe_layers=first_k_dense_layers,
     **_SIGMOID_ROUTER,
 )

@@ -13,19 +13,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from ..architectures import ResolvedConfig, resolve_config
-from ..checkpoint import read_config_json, resolve_source
 from ..errors import BadInputError, UnsupportedModelError, ZedaError, raise_all
-from ..manifest import read_manifest
+from ..model_ref import ModelRef, as_model, resolve_model
 from ..recipes import Recipe
+from ..runs import TeacherSpec, lineage, original_teacher
 
 JOB_FILE = "job.json"
-
-
-class TeacherSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    path: str
-    masked: bool  # load a dynamic folder with use_zce_mask=True (= the original static model)
+__all__ = ["DistillJob", "TeacherSpec", "build_job", "default_teacher"]
 
 
 class DistillJob(BaseModel):
@@ -48,50 +42,24 @@ class DistillJob(BaseModel):
         return cls.model_validate(json.loads(path.read_text()))
 
 
-def _resolved(folder: Path) -> ResolvedConfig:
-    return resolve_config(read_config_json(folder))
-
-
-def lineage_teacher(folder: Path, depth: int = 0) -> TeacherSpec | None:
-    """The original static model behind a zeda folder, from its manifests (None when there are none).
-
-    A distillation stage records its teacher; an injection masked is exactly the original; an export names its
-    base model and the run it came from.
-    """
-    manifest = read_manifest(folder) if depth < 16 else None
-    if manifest is None:
-        return None
-    if "teacher" in manifest.inputs:
-        return TeacherSpec.model_validate(manifest.inputs["teacher"])
-    if manifest.stage == "inject":
-        return TeacherSpec(path=str(folder), masked=True)
-    base = manifest.inputs.get("base_model") or {}
-    if base.get("folder") and Path(base["folder"]).is_dir():
-        return TeacherSpec(path=str(base["folder"]), masked=False)
-    run = manifest.inputs.get("run") or {}
-    return lineage_teacher(Path(run["folder"]), depth + 1) if run.get("folder") else None
-
-
 def default_teacher(student: Path) -> TeacherSpec:
     """The frozen original from the lineage, else the student (an untrained injection) with zero experts masked."""
-    return lineage_teacher(student) or TeacherSpec(path=str(student), masked=True)
+    return original_teacher(lineage(student)) or TeacherSpec(path=str(student), masked=True)
 
 
-def resolve_student(spec: str) -> tuple[Path, ResolvedConfig]:
-    folder = resolve_source(spec).folder
-    rc = _resolved(folder)
-    if not rc.dynamic:
+def check_student(student: ModelRef) -> None:
+    if not student.rc.dynamic:
         raise UnsupportedModelError(
-            f"{spec} has no zero experts (a static {rc.adapter.model_type} model)",
+            f"{student.source.spec} has no zero experts (a static {student.adapter.model_type} model)",
             expected="a dynamic model: the output of `zeda inject-zero-experts` or of a previous stage",
-            fix=f"run `zeda inject-zero-experts {spec} --out DIR` first and distill DIR",
+            fix=f"run `zeda inject-zero-experts {student.source.spec} --out DIR` first and distill DIR",
         )
-    return folder, rc
 
 
-def check_teacher(teacher: TeacherSpec, student_rc: ResolvedConfig) -> list[ZedaError]:
+def check_teacher(teacher: TeacherSpec, student: ModelRef) -> list[ZedaError]:
+    student_rc = student.rc
     try:
-        rc = _resolved(resolve_source(teacher.path).folder)
+        rc = resolve_model(teacher.path).rc
     except ZedaError as err:
         return [err]
     problems: list[ZedaError] = []
@@ -154,7 +122,7 @@ def _check_prompts(recipe: Recipe) -> list[ZedaError]:
 
 def build_job(
     stage: Literal[1, 2],
-    student: str,
+    student: ModelRef | str,
     out: Path,
     recipe: Recipe,
     *,
@@ -162,15 +130,15 @@ def build_job(
     resume: bool = False,
     rollouts: str | None = None,
 ) -> DistillJob:
-    problems: list[ZedaError] = []
+    problems: list[ZedaError] = check_deepspeed_config(recipe.distributed.deepspeed)
     try:
-        folder, rc = resolve_student(student)
+        ref = as_model(student)
+        check_student(ref)
     except ZedaError as err:
-        raise_all([err, *check_deepspeed_config(recipe.distributed.deepspeed)])
-        raise
+        raise_all([err, *problems])
+    folder = ref.folder
     spec = TeacherSpec(path=teacher, masked=False) if teacher else default_teacher(folder)
-    problems += check_teacher(spec, rc)
-    problems += check_deepspeed_config(recipe.distributed.deepspeed)
+    problems += check_teacher(spec, ref)
     if stage == 1 and rollouts is None and not recipe.data.prompts:
         problems.append(
             BadInputError(

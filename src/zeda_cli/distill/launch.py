@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import StageFailedError
-from ..manifest import read_manifest
+from ..runs import read_manifest
 from .job import DistillJob
 
 LOG_FILE = "launcher.log"

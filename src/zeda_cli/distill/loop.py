@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from ..runtime.zeda_dynamic_moe import RouterSpec
-from .engine import Engine
+from .engines import Engine
 from .job import DistillJob
 from .losses import GroupBalance
-from .trainer import (
+from .state import (
     MetricsLog,
     finish_stage,
     latest_checkpoint,

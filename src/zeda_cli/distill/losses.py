@@ -1,9 +1,11 @@
 """Distillation losses, as pure functions over tensors (pinned by tests against hand-computed references).
 
-* Group auxiliary loss L_GA (DESIGN §2): per MoE layer, f_E / f_Z = share of the T·K routing slots that went to
+* Group auxiliary loss L_GA (docs/method.md): per MoE layer, f_E / f_Z = share of the T·K routing slots that went to
   real / zero experts (counts, no gradient), P_E / P_Z = mean router probability mass on each group (with
   gradient); L = α·(N + w·Z)·(f_E·P_E/N + f_Z·P_Z/(w·Z)). Layers are summed, as Megatron adds each layer's aux loss.
-  Its equilibrium zero share is w·Z / (w·Z + N); a target share t gives w = t·N / (Z·(1 − t)).
+  Its equilibrium zero share is w·Z / (w·Z + N); a target share t gives w = t·N / (Z·(1 − t)). For sigmoid routers
+  the counts come from the top-K of the *unbiased* normalised scores, as the official Megatron code computes them
+  (``compute_routing_scores_for_aux_loss``), not from the choice the correction bias steered.
 * Stage 1: token-level cross-entropy on response tokens.
 * Stage 2: reverse KL to the teacher, either the official sampled form (advantage log p_T − log p_S on the student's
   own token, REINFORCE-style) or the exact per-position KL over the vocabulary, computed in chunks.
@@ -47,10 +49,12 @@ class GroupBalance:
     def layer_loss(
         self, logits: torch.Tensor, top_k_ids: torch.Tensor, scoring: str, token_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """L_GA of one layer; ``logits`` [T, N+Z], ``top_k_ids`` [T, K], ``token_mask`` [T] (True = real token)."""
+        """L_GA of one layer; ``logits`` [T, N+Z], ``top_k_ids`` [T, K] the router's choice, ``token_mask`` [T]
+        (True = a real token). Softmax: f counts the choice (the top-K of these very probabilities); sigmoid: f
+        counts the top-K of the unbiased scores, whatever the correction bias chose."""
         n, z, w = self.num_experts, self.num_zero, self.weight
         probs = router_probabilities(logits, scoring)
-        ids = top_k_ids
+        ids = top_k_ids if scoring == "softmax" else probs.detach().topk(top_k_ids.shape[-1], dim=-1).indices
         if token_mask is not None:
             probs, ids = probs[token_mask], ids[token_mask]
         if probs.shape[0] == 0:
@@ -84,19 +88,32 @@ def response_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, normalize
     return loss / normalizer
 
 
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-    """log p(tokens[b, t]) under ``logits`` [B, S, V] (same positions), computed in sequence chunks."""
+def token_logprobs(
+    logits: torch.Tensor, tokens: torch.Tensor, chunk: int = 1024, temperature: float = 1.0
+) -> torch.Tensor:
+    """log p(tokens[b, t]) under ``logits`` / ``temperature`` ([B, S, V], same positions), in sequence chunks."""
     out = []
     for start in range(0, logits.shape[1], chunk):
-        part = torch.log_softmax(logits[:, start : start + chunk].float(), dim=-1)
+        part = torch.log_softmax(logits[:, start : start + chunk].float() / temperature, dim=-1)
         out.append(part.gather(-1, tokens[:, start : start + chunk, None]).squeeze(-1))
     return torch.cat(out, dim=1)
+
+
+def position_weights(response_mask: torch.Tensor, reduction: str, tokens: float, samples: float) -> torch.Tensor:
+    """[B, S] weights that turn a per-position loss into the stage-2 mean: ``sample`` (official): each sample's mean
+    over its response tokens, then the mean over ``samples``; ``token``: the mean over all ``tokens``. ``tokens``
+    and ``samples`` are the step's totals as this rank should count them (global count / world size)."""
+    if reduction == "token":
+        return response_mask / max(tokens, 1.0)
+    lengths = response_mask.sum(dim=1, keepdim=True).clamp_min(1.0)
+    return response_mask / lengths / max(samples, 1.0)
 
 
 def sampled_reverse_kl_loss(
     student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, mask: torch.Tensor, normalizer: float
 ) -> torch.Tensor:
-    """Official OPD objective on the student's own samples: −A·log p_S with A = log p_T − log p_S (no gradient).
+    """Official OPD objective on the student's own samples: −A·log p_S with A = log p_T − log p_S (no gradient),
+    summed with per-position ``mask`` weights (a 0/1 mask, or :func:`position_weights`) over ``normalizer``.
 
     Its gradient is the single-sample estimate of ∇ KL(p_S ‖ p_T); the value itself is not the KL.
     """
@@ -111,7 +128,8 @@ def full_reverse_kl_loss(
     normalizer: float,
     chunk: int = 1024,
 ) -> torch.Tensor:
-    """Exact Σ_v p_S(v)·(log p_S(v) − log p_T(v)) per position, summed over masked positions, in chunks."""
+    """Exact Σ_v p_S(v)·(log p_S(v) − log p_T(v)) per position of the model itself (no sampling temperature: nothing
+    is estimated from samples here), weighted by ``mask`` and summed, over ``normalizer``; computed in chunks."""
     total = student_logits.new_zeros((), dtype=torch.float32)
     for start in range(0, student_logits.shape[1], chunk):
         s = torch.log_softmax(student_logits[:, start : start + chunk].float(), dim=-1)

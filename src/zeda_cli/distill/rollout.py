@@ -18,12 +18,12 @@ import torch
 
 from ..console import ProgressBar
 from ..errors import BadInputError
-from ..modeling import load_model, load_tokenizer
 from ..recipes import DataSection, RolloutSection, RuntimeSection
+from ..runs import TeacherSpec
+from ..runtime.loading import load_model, load_tokenizer, resolve_device
 from .data import append_rollouts, load_prompt_records, read_rollouts, render_prompt, rewrite_rollouts
-from .job import TeacherSpec
 from .sampling import SamplingSettings, sample_responses
-from .trainer import compute_dtype, pick_device
+from .state import compute_dtype
 
 ROLLOUTS_FILE = "rollouts.jsonl"
 
@@ -98,7 +98,7 @@ def generate_rollouts(
     first_batch = len(done) // settings.batch_size
     generated = 0
     if first_batch * settings.batch_size < len(prompts):
-        device = pick_device(runtime)
+        device = resolve_device(runtime.device)
         model = load_model(teacher.path, dtype=compute_dtype(runtime, device), use_zce_mask=teacher.masked or None)
         model.to(device)
         generated = _generate(model, tokenizer, prompts, settings, path, first_batch, device, progress)

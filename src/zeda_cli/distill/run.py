@@ -1,25 +1,29 @@
-"""Run a distillation stage: prepare the output folder, make the teacher rollouts (stage 1), then train in this
-process or, with a DeepSpeed config / several processes, on ranks started by the launcher."""
+"""What ``zeda distill`` does (also ``zeda convert``'s stage 1 and 2), top to bottom in :func:`run_stage`: validate
+the job, prepare the output folder, make the teacher rollouts (stage 1), then train in this process or, with a
+DeepSpeed config / several processes, on ranks started by the launcher."""
 
 from __future__ import annotations
 
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
-from ..console import ProgressBar
+from ..console import Output, ProgressBar
 from ..errors import BadInputError
-from ..manifest import read_manifest
-from ..modeling import load_model, load_tokenizer
-from .engine import LocalEngine
-from .job import DistillJob
+from ..model_ref import ModelRef
+from ..recipes import Recipe
+from ..runs import read_manifest
+from ..runtime.loading import load_model, load_tokenizer, resolve_device
+from .engines.local import LocalEngine
+from .job import DistillJob, build_job
 from .loop import StepCallback
 from .rollout import ROLLOUTS_FILE, generate_rollouts
 from .stage1 import run_stage1
 from .stage2 import run_stage2
+from .state import TEACHER_ROUTER_FILE, compute_dtype, load_student, stage_section
 from .teachers import (
     ModelTeacher,
     RouterViewTeacher,
@@ -28,9 +32,51 @@ from .teachers import (
     original_router_rows,
     save_router_rows,
 )
-from .trainer import TEACHER_ROUTER_FILE, compute_dtype, load_student, pick_device, stage_section
 
 Launcher = Callable[[DistillJob, Path], dict[str, Any]]
+
+
+def run_stage(
+    stage: Literal[1, 2],
+    student: ModelRef | str,
+    out: Path,
+    recipe: Recipe,
+    *,
+    output: Output,
+    teacher: str | None = None,
+    rollouts: str | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    launcher: Launcher | None = None,
+) -> dict[str, Any]:
+    """Run one distillation stage into ``out``; returns its summary (the manifest's metrics)."""
+    job = build_job(stage, student, out, recipe, teacher=teacher, resume=resume, rollouts=rollouts)
+    if prepare_stage_dir(out, resume, overwrite):
+        output.log(f"{out} is already complete (zeda.json done); nothing to do.")
+        manifest = read_manifest(out)
+        return {"ok": True, "out": str(out), "skipped": True, **(manifest.metrics if manifest else {})}
+    with output.progress() as progress:
+        job = ensure_rollouts(job, progress)
+        job.write(out)
+        summary = run_job(job, on_step=StepReporter(progress), launcher=launcher)
+    output.log(f"Per-layer zero share: {summary.get('zero_share_per_layer')}")
+    return {"ok": True, "out": str(out), "stage": stage, **summary}
+
+
+class StepReporter:
+    """One progress line per stage: step, loss, CE or KL, L_GA, zero share, tokens/s."""
+
+    def __init__(self, progress: ProgressBar):
+        self.progress = progress
+        self.task: Any = None
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        if self.task is None:
+            self.task = self.progress.task("training", total=record.get("total_steps"))
+        signal = f"kl {record['kl']:.4f}" if "kl" in record else f"ce {record.get('ce', 0):.4f}"
+        info = (f"loss {record['loss']:.4f} {signal} aux {record['aux']:.4f} "
+                f"zero {record['zero_share']:.3f} {record['tokens_per_s']:.0f} tok/s")  # fmt: skip
+        self.progress.advance(self.task, info=info)
 
 
 def prepare_stage_dir(out: Path, resume: bool, overwrite: bool) -> bool:
@@ -73,7 +119,7 @@ def run_job(job: DistillJob, on_step: StepCallback | None = None, launcher: Laun
 
 def run_local(job: DistillJob, on_step: StepCallback | None = None) -> dict[str, Any]:
     section = stage_section(job)
-    device = pick_device(job.recipe.runtime)
+    device = resolve_device(job.recipe.runtime.device)
     dtype = compute_dtype(job.recipe.runtime, device)
     tokenizer = load_tokenizer(job.student)
     model = load_student(job, device)

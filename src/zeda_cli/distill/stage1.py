@@ -3,21 +3,15 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..runtime.zeda_dynamic_moe import RouterSpec, RoutingRecorder
+from ..runtime.zeda_dynamic_moe import RouterSpec, RoutingRecorder, RoutingTally
 from .data import collate_sft, micro_batches, read_rollouts, sft_examples, step_batches
-from .engine import Engine
+from .engines import Engine, EngineFactory
 from .job import DistillJob
 from .loop import StageLoop, StepCallback
 from .losses import GroupBalance, response_cross_entropy
-from .trainer import (
-    ZeroShareStats,
-)
-
-EngineFactory = Callable[[Any, int], Engine]  # (student model, total steps) -> engine
 
 
 def plan_stage1(job: DistillJob) -> tuple[list[Any], list[list[int]]]:
@@ -63,7 +57,7 @@ def _train_step(
     n_targets = sum(sum(t != -100 for t in e.labels[1:]) for e in examples)
     n_tokens = sum(len(e.input_ids) for e in examples)
     global_targets = engine.all_reduce_sum(float(n_targets))
-    stats = ZeroShareStats(spec.num_experts)
+    stats = RoutingTally(spec.num_experts)
     ce_total = aux_total = 0.0
     for chunk in micro_batches(examples, micro):
         batch = {k: v.to(engine.device) for k, v in collate_sft(chunk, pad).items()}
@@ -79,8 +73,8 @@ def _train_step(
         ce_total += float(ce.detach())
         aux_total += float(aux.detach())
     grad_norm = engine.step()
-    zero = engine.all_reduce_sum(float(sum(stats.zero.values())))
-    slots = engine.all_reduce_sum(float(sum(stats.total.values())))
+    zero = engine.all_reduce_sum(float(sum(stats.skipped.values())))
+    slots = engine.all_reduce_sum(float(sum(stats.slots.values())))
     ce_mean = engine.all_reduce_sum(ce_total) / engine.world_size  # each rank's value estimates the global mean
     aux_mean = engine.all_reduce_sum(aux_total) / engine.world_size
     return {
@@ -88,7 +82,7 @@ def _train_step(
         "ce": round(ce_mean, 6),
         "aux": round(aux_mean, 6),
         "zero_share": round(zero / max(slots, 1.0), 4),
-        "zero_share_per_layer": stats.per_layer(),
+        "zero_share_per_layer": {k: round(v, 4) for k, v in stats.per_layer().items()},
         "grad_norm": round(grad_norm, 4),
         "step_tokens": n_tokens,
     }

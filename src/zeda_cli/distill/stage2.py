@@ -5,25 +5,20 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from ..runtime.zeda_dynamic_moe import RouterSpec, RoutingRecorder
+from ..recipes import Stage2Section
+from ..runtime.zeda_dynamic_moe import RouterSpec, RoutingRecorder, RoutingTally
 from .data import load_prompt_records, micro_batches
-from .engine import Engine
+from .engines import Engine, EngineFactory
 from .job import DistillJob
 from .loop import StageLoop, StepCallback
-from .losses import GroupBalance, full_reverse_kl_loss, sampled_reverse_kl_loss, token_logprobs
+from .losses import GroupBalance, full_reverse_kl_loss, position_weights, sampled_reverse_kl_loss, token_logprobs
 from .rollout import tokenize_prompts
-from .sampling import SamplingSettings, sample_responses, sequence_batch, special_ids
+from .sampling import SamplingSettings, SequenceBatch, sample_responses, sequence_batch, special_ids
 from .teachers import Teacher
-from .trainer import (
-    ZeroShareStats,
-)
-
-EngineFactory = Callable[[Any, int], Engine]
 
 
 def stage2_prompts(job: DistillJob, tokenizer: Any) -> list[list[int]]:
@@ -54,6 +49,29 @@ def run_stage2(
     return loop.finish()
 
 
+def opd_loss(
+    s_logits: torch.Tensor,
+    t_logits: torch.Tensor,
+    batch: SequenceBatch,
+    s2: Stage2Section,
+    tokens: float,
+    samples: float,
+) -> tuple[torch.Tensor, float]:
+    """One micro-batch's stage-2 loss (``s2.loss``, reduced by ``s2.reduction`` over the step's ``tokens`` /
+    ``samples``) and its contribution to the logged per-token estimate of KL(student || teacher)."""
+    # The student's log-probs at the temperature it sampled at (the teacher's at 1: it is the target).
+    s_lp = token_logprobs(s_logits, batch.targets, s2.kl_chunk_size, s2.temperature)
+    t_lp = token_logprobs(t_logits, batch.targets, s2.kl_chunk_size)
+    weights = position_weights(batch.response_mask, s2.reduction, tokens, samples)
+    if s2.loss == "sampled":
+        loss = sampled_reverse_kl_loss(s_lp, t_lp, weights, 1.0)
+    else:
+        loss = full_reverse_kl_loss(s_logits, t_logits, weights, 1.0, s2.kl_chunk_size)
+    with torch.no_grad():
+        estimate = float(((s_lp - t_lp) * batch.response_mask).sum()) / tokens
+    return loss, estimate
+
+
 def _opd_step(
     engine: Engine,
     teacher: Teacher,
@@ -67,7 +85,7 @@ def _opd_step(
     s2 = job.recipe.stage2
     pad, _ = special_ids(tokenizer, engine.module)
     settings = SamplingSettings(s2.max_new_tokens, s2.temperature, 1.0)
-    samples = sample_responses(
+    sampled = sample_responses(
         engine.module,
         tokenizer,
         prompts,
@@ -76,10 +94,12 @@ def _opd_step(
         engine.device,
         synced_gpus=engine.world_size > 1,
     )
-    responses = [r for r, _ in samples]
+    responses = [r for r, _ in sampled]
     local_tokens = float(sum(len(r) for r in responses))
-    normalizer = max(engine.all_reduce_sum(local_tokens), 1.0) / engine.world_size
-    stats = ZeroShareStats(spec.num_experts)
+    # The step's totals as each rank counts them (ranks' gradients are averaged, not summed).
+    tokens = max(engine.all_reduce_sum(local_tokens), 1.0) / engine.world_size
+    samples = engine.all_reduce_sum(float(len(responses))) / engine.world_size
+    stats = RoutingTally(spec.num_experts)
     totals = {"loss": 0.0, "kl": 0.0, "aux": 0.0}
     all_tokens = sum(len(p) + len(r) for p, r in zip(prompts, responses, strict=True))
     for idx in micro_batches(list(range(len(prompts))), s2.micro_batch_size):
@@ -93,30 +113,24 @@ def _opd_step(
                 position_ids=batch.position_ids,
                 use_cache=False,
             ).logits
-        s_lp = token_logprobs(s_logits, batch.targets, s2.kl_chunk_size)
-        t_lp = token_logprobs(t_logits, batch.targets, s2.kl_chunk_size)
-        if s2.loss == "sampled":
-            kl_loss = sampled_reverse_kl_loss(s_lp, t_lp, batch.response_mask, normalizer)
-        else:
-            kl_loss = full_reverse_kl_loss(s_logits, t_logits, batch.response_mask, normalizer, s2.kl_chunk_size)
+        kl_loss, kl_estimate = opd_loss(s_logits, t_logits, batch, s2, tokens, samples)
         share = float(token_mask.sum()) / max(all_tokens, 1)
         aux = balance.loss([r[1] for r in rec.records], [r[2] for r in rec.records], spec.scoring, token_mask) * share
         engine.backward(kl_loss + aux)
         stats.add(rec.records, token_mask)
-        with torch.no_grad():  # sampled estimate of KL(student || teacher) per response token
-            totals["kl"] += float(((s_lp - t_lp) * batch.response_mask).sum()) / normalizer
+        totals["kl"] += kl_estimate
         totals["loss"] += float(kl_loss.detach() + aux.detach())
         totals["aux"] += float(aux.detach())
     grad_norm = engine.step()
-    zero = engine.all_reduce_sum(float(sum(stats.zero.values())))
-    slots = engine.all_reduce_sum(float(sum(stats.total.values())))
+    zero = engine.all_reduce_sum(float(sum(stats.skipped.values())))
+    slots = engine.all_reduce_sum(float(sum(stats.slots.values())))
     mean = {k: engine.all_reduce_sum(v) / engine.world_size for k, v in totals.items()}
     return {
         "loss": round(mean["loss"], 6),
         "kl": round(mean["kl"], 6),
         "aux": round(mean["aux"], 6),
         "zero_share": round(zero / max(slots, 1.0), 4),
-        "zero_share_per_layer": stats.per_layer(),
+        "zero_share_per_layer": {k: round(v, 4) for k, v in stats.per_layer().items()},
         "grad_norm": round(grad_norm, 4),
         "response_tokens": int(local_tokens),
         "step_tokens": int(all_tokens),

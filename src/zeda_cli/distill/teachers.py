@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from ..runtime.zeda_dynamic_moe import routers
+from ..runtime.zeda_dynamic_moe import routers, zero_experts_masked
 from .sampling import SequenceBatch
 
 
@@ -61,17 +61,15 @@ def original_router_view(model: nn.Module, rows: dict[str, torch.Tensor]) -> Ite
     with torch.no_grad():
         for name, router in routers(model):
             n = router.spec.num_experts
-            saved[name] = (router.weight[:n].clone(), router.mask_zero_experts)
+            saved[name] = router.weight[:n].clone()
             router.weight[:n].copy_(rows[name].to(router.weight.device, router.weight.dtype))
-            router.mask_zero_experts = True
     try:
-        yield
+        with zero_experts_masked(model):
+            yield
     finally:
         with torch.no_grad():
             for name, router in routers(model):
-                weight, mask = saved[name]
-                router.weight[: router.spec.num_experts].copy_(weight)
-                router.mask_zero_experts = mask
+                router.weight[: router.spec.num_experts].copy_(saved[name])
 
 
 class RouterViewTeacher:

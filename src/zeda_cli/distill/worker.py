@@ -12,12 +12,12 @@ from typing import Any
 
 import torch
 
-from ..modeling import load_model, load_tokenizer
-from .engine_deepspeed import DeepSpeedEngine, DeepSpeedTeacher, hf_deepspeed_config, student_config, teacher_config
+from ..runtime.loading import load_model, load_tokenizer
+from .engines.deepspeed import DeepSpeedEngine, DeepSpeedTeacher, hf_deepspeed_config, student_config, teacher_config
 from .job import DistillJob, load_deepspeed_config
 from .stage1 import run_stage1
 from .stage2 import run_stage2
-from .trainer import compute_dtype, enable_checkpointing, select_trainable, stage_section
+from .state import compute_dtype, enable_checkpointing, select_trainable, stage_section
 
 
 def batch_geometry(job: DistillJob, world: int) -> tuple[int, int]:

@@ -74,6 +74,22 @@ def write_loading_code(folder: Path, adapter: MoEAdapter) -> list[str]:
     return [RUNTIME_FILE, MODELING_FILE]
 
 
+def legacy_keys(config: dict[str, Any], adapter: MoEAdapter, hf_config: Any) -> dict[str, Any]:
+    """The keys older loaders read that transformers 5 saves under other names: the official ZEDA modeling code
+    (transformers 4.57) reads ``num_experts`` (else assumes 128 and fails on the router size) and ``rope_theta`` /
+    ``rope_scaling`` (else silently uses RoPE base 10000). Only keys the config lacks; transformers 5 maps them."""
+    extra: dict[str, Any] = {}
+    if adapter.num_experts_attr not in config:
+        extra[adapter.num_experts_attr] = adapter.num_experts(hf_config)
+    rope = config.get("rope_parameters")
+    if not isinstance(rope, dict) or "rope_theta" not in rope:
+        return extra
+    scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+    legacy = {"rope_theta": rope["rope_theta"],
+              "rope_scaling": scaling if scaling.get("rope_type", "default") != "default" else None}  # fmt: skip
+    return extra | {k: v for k, v in legacy.items() if k not in config}
+
+
 def dynamic_config(
     raw: dict[str, Any],
     adapter: MoEAdapter,
@@ -86,6 +102,7 @@ def dynamic_config(
 ) -> dict[str, Any]:
     """The config.json of a dynamic model derived from the static ``raw`` config (which is not modified)."""
     config = {k: v for k, v in raw.items() if k not in ("auto_map", "zce_nums", "zce_types", "use_zce_mask", "zeda")}
+    config.update(legacy_keys(config, adapter, hf_config))
     config.update(
         model_type=adapter.dynamic_model_type,
         architectures=[adapter.dynamic_architecture],

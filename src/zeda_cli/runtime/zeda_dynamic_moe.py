@@ -19,8 +19,10 @@ architecture adapters when the zero experts were injected.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from dataclasses import dataclass, fields
+from collections.abc import Iterator
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -29,13 +31,16 @@ from torch import nn
 
 __all__ = [
     "DynamicMoeMixin",
+    "RouterHooks",
     "RouterSpec",
     "RoutingRecorder",
+    "RoutingTally",
     "ZeroExpertRouter",
     "ZeroSkippingExperts",
     "make_dynamic",
     "register_key_conversion",
     "set_zero_expert_bias",
+    "zero_experts_masked",
 ]
 
 
@@ -223,30 +228,61 @@ def set_zero_expert_bias(model: nn.Module, bias: float) -> None:
         model.config.zero_expert_bias = float(bias)
 
 
-class RoutingRecorder:
-    """Context manager that records each ZeroExpertRouter's output during forward passes.
+@contextlib.contextmanager
+def zero_experts_masked(model: nn.Module) -> Iterator[None]:
+    """The dynamic model with its zero experts masked while active: exactly the original static routing
+    (``use_zce_mask``); each router's own setting is restored on exit."""
+    found = [router for _, router in routers(model)]
+    saved = [router.mask_zero_experts for router in found]
+    for router in found:
+        router.mask_zero_experts = True
+    try:
+        yield
+    finally:
+        for router, value in zip(found, saved, strict=True):
+            router.mask_zero_experts = value
 
-    ``records`` holds one ``(layer_name, logits | None, top_k_ids, real_token_mask | None)`` entry per router call.
-    Logits are kept (with their autograd graph) only when ``keep_logits=True``, e.g. for the balancing loss.
+
+class RouterHooks:
+    """Context manager: a forward hook on every ZeroExpertRouter of ``model`` while it is active.
+
+    Subclasses implement ``_hook(name)``; ``prepend`` hooks run before the others (to edit the routing that the
+    rest observe).
     """
 
-    def __init__(self, model: nn.Module, keep_logits: bool = False):
+    prepend = False
+
+    def __init__(self, model: nn.Module):
         self.model = model
-        self.keep_logits = keep_logits
-        self.records: list[tuple[str, torch.Tensor | None, torch.Tensor]] = []
         self._handles: list[Any] = []
 
-    def __enter__(self) -> RoutingRecorder:
+    def __enter__(self):
         for name, router in routers(self.model):
-            self._handles.append(router.register_forward_hook(self._hook(name)))
+            self._handles.append(router.register_forward_hook(self._hook(name), prepend=self.prepend))
         if not self._handles:
-            raise ValueError("model has no zero-expert routers to record")
+            raise ValueError(f"{type(self).__name__}: the model has no zero-expert routers")
         return self
 
     def __exit__(self, *exc: object) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+    def _hook(self, name: str) -> Any:
+        raise NotImplementedError
+
+
+class RoutingRecorder(RouterHooks):
+    """Records each ZeroExpertRouter's output during forward passes.
+
+    ``records`` holds one ``(router_name, logits | None, top_k_ids)`` entry per router call. Logits are kept (with
+    their autograd graph) only when ``keep_logits=True``, e.g. for the balancing loss.
+    """
+
+    def __init__(self, model: nn.Module, keep_logits: bool = False):
+        super().__init__(model)
+        self.keep_logits = keep_logits
+        self.records: list[tuple[str, torch.Tensor | None, torch.Tensor]] = []
 
     def _hook(self, name: str):
         def hook(module: nn.Module, args: Any, output: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
@@ -257,6 +293,34 @@ class RoutingRecorder:
 
     def clear(self) -> None:
         self.records.clear()
+
+
+@dataclass
+class RoutingTally:
+    """Routing slots that went to zero experts (id >= N: skipped) and all slots, per router, over real tokens."""
+
+    num_experts: int
+    skipped: dict[str, int] = field(default_factory=dict)
+    slots: dict[str, int] = field(default_factory=dict)
+
+    def add(self, records: Any, token_mask: torch.Tensor | None = None) -> None:
+        """``records`` as RoutingRecorder's; ``token_mask`` (any shape, True = a real token) drops padding."""
+        valid = None if token_mask is None else token_mask.reshape(-1).bool()
+        for name, _, ids in records:
+            if valid is not None:
+                if ids.shape[0] != valid.numel():
+                    raise ValueError(f"{name}: {ids.shape[0]} routed tokens for a batch of {valid.numel()}")
+                ids = ids[valid.to(ids.device)]
+            self.skipped[name] = self.skipped.get(name, 0) + int((ids >= self.num_experts).sum())
+            self.slots[name] = self.slots.get(name, 0) + ids.numel()
+
+    @property
+    def share(self) -> float:
+        total = sum(self.slots.values())
+        return sum(self.skipped.values()) / total if total else 0.0
+
+    def per_layer(self) -> dict[str, float]:
+        return {k: self.skipped[k] / v if v else 0.0 for k, v in self.slots.items()}
 
 
 class DynamicMoeMixin:

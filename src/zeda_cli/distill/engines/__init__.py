@@ -1,0 +1,78 @@
+"""Training engines behind one contract, :class:`Engine`: the stage loops only ever call what it lists, so the same
+loop runs in one process (:mod:`.local`) or on N DeepSpeed ZeRO ranks (:mod:`.deepspeed`). A new backend (FSDP2,
+say) is one more module implementing it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from ...recipes import OptimSection
+
+
+class Engine(Protocol):
+    """The contract of a training engine.
+
+    * ``forward(**inputs)`` runs the (wrapped) model on one micro-batch and returns its output.
+    * ``backward(loss)`` adds the gradients of one micro-batch's loss, which the caller has already normalised
+      over the whole optimizer step (engines never divide by the number of micro-batches). An engine may apply
+      the update at the accumulation boundary inside it (DeepSpeed does).
+    * ``step()`` ends the optimizer step: afterwards the update has been applied exactly once, the learning-rate
+      schedule has advanced and the gradients are cleared. Returns the global gradient norm (before clipping).
+    * ``all_reduce_sum`` / ``barrier`` are collectives over the ranks (no-ops in one process); ``rank`` 0 writes.
+    * ``save_resume`` / ``load_resume`` write and read everything a resumed run needs (trainable weights,
+      optimizer, schedule) in a folder; ``save_pretrained`` writes the full model, every rank calling it.
+    """
+
+    module: Any  # the (unwrapped) transformers model
+    rank: int
+    world_size: int
+    device: torch.device
+
+    def forward(self, **inputs: Any) -> Any: ...
+    def backward(self, loss: torch.Tensor) -> None: ...
+    def step(self) -> float: ...
+    def current_lr(self) -> float: ...
+    def all_reduce_sum(self, value: float) -> float: ...
+    def barrier(self) -> None: ...
+    def save_resume(self, folder: Path) -> None: ...
+    def load_resume(self, folder: Path) -> None: ...
+    def save_pretrained(self, folder: Path, max_shard_size: str) -> None: ...
+
+
+EngineFactory = Callable[[Any, int], Engine]  # (student model, total optimizer steps) -> engine
+
+
+def lr_multiplier(optim: OptimSection, total_steps: int) -> Callable[[int], float]:
+    """Linear warmup over ``warmup_ratio`` of the steps, then constant / cosine / linear decay to min_lr_ratio."""
+    warmup = int(round(optim.warmup_ratio * total_steps))
+    floor = optim.min_lr_ratio
+
+    def multiplier(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if optim.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        if optim.schedule == "cosine":
+            return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return floor + (1.0 - floor) * (1.0 - progress)
+
+    return multiplier
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices only (not on norms, biases or 1-D tensors), trainable parameters only."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            # ZeRO-3 parameters are flat 1-D partitions; their real shape is ds_shape.
+            ndim = len(getattr(p, "ds_shape", p.shape))
+            (decay if ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

@@ -1,0 +1,160 @@
+"""DeepSpeed ZeRO engines for the student (with optimizer) and the frozen teacher (inference, partitioned).
+
+Runs inside every rank started by the launcher. Models are loaded while an ``HfDeepSpeedConfig`` is alive, so
+``from_pretrained`` builds them under ``zero.Init`` and each rank only ever holds its partition; MoE blocks are
+ZeRO-3 leaf modules (all of a block's parameters are gathered together, whatever experts its tokens chose); the
+final weights are the consolidated 16-bit state dict, written by rank 0 through ``save_pretrained``.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ...recipes import OptimSection
+from . import lr_multiplier, param_groups
+
+DS_TAG = "deepspeed"
+
+
+def student_config(user: dict[str, Any], optim: OptimSection, micro: int, accumulation: int, world: int) -> dict:
+    """The user's DeepSpeed config with the batch geometry, clipping and save options zeda needs filled in."""
+    config = copy.deepcopy(user)
+    zero = config.setdefault("zero_optimization", {})
+    offload = zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
+    config.update(
+        train_micro_batch_size_per_gpu=micro,
+        gradient_accumulation_steps=accumulation,
+        train_batch_size=micro * accumulation * world,
+        gradient_clipping=optim.grad_clip,
+        # AdamW from the recipe: DeepSpeedCPUAdam when the optimizer state is offloaded, else torch's (no JIT build).
+        optimizer={
+            "type": "AdamW",
+            "params": {
+                "lr": optim.lr,
+                "betas": list(optim.betas),
+                "weight_decay": optim.weight_decay,
+                **({} if offload else {"torch_adam": True}),
+            },
+        },  # fmt: skip
+    )
+    config.pop("scheduler", None)
+    zero["stage3_gather_16bit_weights_on_model_save"] = True
+    config.setdefault("steps_per_print", 10**9)
+    return config
+
+
+def teacher_config(student: dict[str, Any]) -> dict[str, Any]:
+    """Inference-only: no optimizer state, parameters partitioned like the student's (stage 3) or replicated."""
+    config = {k: v for k, v in student.items() if k in ("bf16", "fp16", "steps_per_print")}
+    stage = student.get("zero_optimization", {}).get("stage", 0)
+    zero = {"stage": 3 if stage == 3 else 0}
+    offload = student.get("zero_optimization", {}).get("offload_param")
+    if stage == 3 and offload:
+        zero["offload_param"] = offload
+    config.update(zero_optimization=zero, train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1)
+    config["train_batch_size"] = (
+        student["train_batch_size"]
+        // max(student["gradient_accumulation_steps"], 1)
+        // max(student["train_micro_batch_size_per_gpu"], 1)
+    )
+    return config
+
+
+def hf_deepspeed_config(config: dict[str, Any]) -> Any:
+    """Keep the returned object alive while loading: transformers then builds the model under zero.Init."""
+    from transformers.integrations import HfDeepSpeedConfig
+
+    return HfDeepSpeedConfig(config)
+
+
+def mark_moe_leaves(model: torch.nn.Module, block_class: str) -> None:
+    from deepspeed.utils import set_z3_leaf_modules
+
+    classes = {type(m) for m in model.modules() if type(m).__name__ == block_class}
+    if classes:
+        set_z3_leaf_modules(model, list(classes))
+
+
+class DeepSpeedEngine:
+    def __init__(self, model: Any, optim: OptimSection, total_steps: int, config: dict[str, Any], block_class: str):
+        import deepspeed
+        import torch.distributed as dist
+        from deepspeed.accelerator import get_accelerator
+
+        mark_moe_leaves(model, block_class)
+
+        def schedule(optimizer: Any) -> Any:
+            return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(optim, total_steps))
+
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, model_parameters=param_groups(model, optim.weight_decay), lr_scheduler=schedule, config=config
+        )
+        self.module = self.engine.module
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.device = torch.device(get_accelerator().current_device_name())
+        self.zero_stage = self.engine.zero_optimization_stage()
+        self._dist = dist
+
+    def forward(self, **inputs: Any) -> Any:
+        return self.engine(**inputs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # zeda normalises the loss over the whole step itself, so DeepSpeed must not divide by accumulation steps.
+        self.engine.backward(loss, scale_wrt_gas=False)
+        self.engine.step()  # an optimizer step only at the accumulation boundary
+
+    def step(self) -> float:
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else 0.0
+
+    def current_lr(self) -> float:
+        return float(self.scheduler.get_last_lr()[0])
+
+    def all_reduce_sum(self, value: float) -> float:
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        self._dist.all_reduce(t)
+        return float(t.item())
+
+    def barrier(self) -> None:
+        self._dist.barrier()
+
+    def save_resume(self, folder: Path) -> None:
+        self.engine.save_checkpoint(str(folder), tag=DS_TAG)
+
+    def load_resume(self, folder: Path) -> None:
+        path, _ = self.engine.load_checkpoint(str(folder), tag=DS_TAG)
+        if path is None:
+            raise RuntimeError(f"no DeepSpeed checkpoint in {folder}")
+
+    def save_pretrained(self, folder: Path, max_shard_size: str) -> None:
+        if self.zero_stage == 3:
+            state = self.engine._zero3_consolidated_16bit_state_dict()  # collective: every rank calls it
+        else:
+            state = self.engine.module.state_dict()
+        if self.rank == 0:
+            self.module.save_pretrained(folder, state_dict=state, max_shard_size=max_shard_size)
+        self.barrier()
+
+
+class DeepSpeedTeacher:
+    """The frozen teacher as a ZeRO inference engine (partitioned at load under stage 3)."""
+
+    def __init__(self, model: Any, config: dict[str, Any], block_class: str):
+        import deepspeed
+
+        mark_moe_leaves(model, block_class)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.engine, *_ = deepspeed.initialize(model=model, config=config)
+        self.engine.eval()
+
+    @torch.no_grad()
+    def logits(self, batch: Any) -> torch.Tensor:
+        return self.engine(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids
+        ).logits

@@ -1,0 +1,1 @@
+"""Bytes, not models: model sources (folder or Hub id), safetensors reading, streamed shard writing."""

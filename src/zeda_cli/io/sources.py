@@ -1,0 +1,108 @@
+"""Where a model comes from: a local folder as is, or a Hub id ``org/name[@revision]`` downloaded with
+huggingface_hub; plus the folder-level files every stage reads or copies (``config.json``, tokenizer, cards)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import BadInputError, CheckpointError, ExternalError
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+
+
+# --- sources -----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Source:
+    spec: str  # what the user gave
+    folder: Path
+    repo_id: str | None = None
+    revision: str | None = None
+
+    def describe(self) -> dict[str, Any]:
+        return {"spec": self.spec, "folder": str(self.folder), "repo_id": self.repo_id, "revision": self.revision}
+
+
+def is_repo_id(spec: str) -> bool:
+    return bool(_REPO_ID.match(spec)) and not Path(spec).expanduser().exists()
+
+
+def split_repo_id(spec: str) -> tuple[str, str | None]:
+    repo_id, _, revision = spec.partition("@")
+    return repo_id, revision or None
+
+
+def resolve_source(spec: str, *, allow_patterns: list[str] | None = None, token: str | None = None) -> Source:
+    """A local folder as is, or a Hub id ``org/name[@revision]`` downloaded with huggingface_hub."""
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise BadInputError(
+                f"{spec} is a file", expected="a model folder (config.json + safetensors)", fix="pass its folder"
+            )
+        return Source(spec, path.resolve())
+    if not is_repo_id(spec):
+        raise BadInputError(
+            f"model path {spec!r} does not exist",
+            expected="a local model folder or a Hub id like org/name[@revision]",
+            fix="check the path, or use the Hub id of the model",
+        )
+    repo_id, revision = split_repo_id(spec)
+    folder = _snapshot(repo_id, revision, allow_patterns, token)
+    return Source(spec, folder, repo_id, revision)
+
+
+def _snapshot(repo_id: str, revision: str | None, allow_patterns: list[str] | None, token: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=allow_patterns, token=token))
+    except GatedRepoError as err:
+        raise ExternalError(
+            f"{repo_id} is gated", expected="access to the repo", fix="accept its terms on the Hub and `hf auth login`"
+        ) from err
+    except RevisionNotFoundError as err:
+        raise BadInputError(
+            f"revision {revision!r} of {repo_id} not found", expected="a branch, tag or commit", fix="check @revision"
+        ) from err
+    except RepositoryNotFoundError as err:
+        raise BadInputError(
+            f"Hub repo {repo_id!r} not found (or private)",
+            expected="an existing model repo",
+            fix="check the id, or log in with `hf auth login` for private repos",
+        ) from err
+    except Exception as err:  # network failures surface as several httpx / hub error types
+        raise ExternalError(
+            f"could not download {repo_id} from the Hub ({type(err).__name__}: {err})",
+            expected="network access to the Hugging Face Hub (or HF_ENDPOINT)",
+            fix="check the connection, or download the model and pass its local folder",
+        ) from err
+
+
+def copy_top_level_files(src: Path, dst: Path, skip: re.Pattern[str]) -> None:
+    """Copy the regular, non-hidden files of ``src`` whose names ``skip`` does not match (tokenizer, configs...)."""
+    for path in sorted(src.iterdir()):
+        if path.is_file() and not path.name.startswith(".") and not skip.search(path.name):
+            shutil.copyfile(path, dst / path.name)
+
+
+def read_config_json(folder: Path) -> dict[str, Any]:
+    path = folder / "config.json"
+    if not path.exists():
+        raise BadInputError(
+            f"{folder} has no config.json",
+            expected="a Hugging Face model folder",
+            fix="pass the folder that holds config.json and the safetensors files",
+        )
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path} is not valid JSON ({err})", fix="restore config.json") from err
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path} is not a JSON object", fix="restore config.json")
+    return raw

@@ -1,0 +1,1 @@
+"""``zeda convert``: every stage in one resumable command (plan, memory estimates, stage runners)."""
