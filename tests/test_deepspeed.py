@@ -73,6 +73,30 @@ def test_zero3_stage1_matches_a_single_process_run(ds_base):
     assert '"step": 4' in ranks_log
 
 
+def test_zero3_router_only_stage1_matches_a_single_process_run(ds_base):
+    root, inject, rollouts, _ = ds_base
+    router_only = [*STAGE1, "stage1.trainable=router"]
+    _run(1, inject, root / "local-router", router_only, rollouts)
+    summary = _run(1, inject, root / "zero3-router", [*router_only, f"distributed.deepspeed={ZERO3}",
+                                                      "distributed.nproc=2"], rollouts)  # fmt: skip
+    assert summary["steps"] == 4 and read_manifest(root / "zero3-router").done
+    local, zero3, initial = _weights(root / "local-router"), _weights(root / "zero3-router"), _weights(inject)
+    changed = [n for n in local if not torch.equal(local[n], initial[n])]
+    assert changed and all(n.endswith("mlp.gate.weight") for n in changed)  # only the routers trained
+    for name in local:
+        torch.testing.assert_close(zero3[name], local[name], rtol=1e-4, atol=2e-5, msg=name)
+
+
+def test_zero3_router_only_stage2_completes(ds_base):
+    root, inject, _, prompts = ds_base
+    overrides = [f"data.prompts={prompts}", "stage2.steps=2", "stage2.prompts_per_step=4", "stage2.max_new_tokens=6",
+                 "stage2.micro_batch_size=2", "stage2.trainable=router", f"distributed.deepspeed={ZERO3}",
+                 "distributed.nproc=2"]  # fmt: skip
+    assert _run(2, inject, root / "zero3-router-s2", overrides)["steps"] == 2
+    trained, initial = _weights(root / "zero3-router-s2"), _weights(inject)
+    assert {n for n in trained if not torch.equal(trained[n], initial[n])} <= {n for n in trained if "gate" in n}
+
+
 def test_zero3_stage2_completes_and_loads(ds_base):
     from zeda_cli import load_model
 

@@ -49,6 +49,7 @@ def launch_job(job: DistillJob, out: Path, timeout: float | None = None) -> dict
         raise StageFailedError(
             f"stage {job.stage} failed on {job.recipe.distributed.nproc} ranks (exit code {code})",
             expected="every rank to finish",
-            fix=f"read {out / LOG_FILE}; fix the cause and rerun with --resume to continue from the last checkpoint",
+            fix=f"read {out / LOG_FILE}; fix the cause and rerun to continue from the last checkpoint (zeda convert: "
+            "the same command; zeda distill: add --resume)",
         )
     return dict(manifest.metrics)

@@ -69,6 +69,11 @@ def run_rank(job: DistillJob) -> dict[str, Any]:
     keep_alive = [hf_deepspeed_config(config)]  # the student loads partitioned (zero.Init)
     model = load_model(job.student, dtype=dtype, use_zce_mask=False)
     select_trainable(model, section.trainable)
+    if section.trainable == "router":
+        # ZeRO-3 reduces a leaf module's gradients in a full backward hook, which fires too early (before the
+        # router's weight gradient exists) when none of the block's inputs requires a gradient, as with a frozen
+        # body upstream of the first router. Inputs that require gradients make it fire at the right time.
+        model.enable_input_require_grads()
     if section.gradient_checkpointing:
         enable_checkpointing(model)
     model.train()
