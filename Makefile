@@ -11,7 +11,7 @@ install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e ".[train,bench,dev]"
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e ".[train,bench,lmeval,dev]"
 	touch $@
 
 # The test command of the README and of .ci/run.

@@ -14,6 +14,7 @@ from .errors import BadInputError
 EXTRAS: dict[str, tuple[str, ...]] = {
     "train": ("deepspeed", "accelerate", "datasets"),
     "bench": ("matplotlib",),
+    "lmeval": ("lm_eval",),
 }
 
 

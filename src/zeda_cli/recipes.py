@@ -200,6 +200,13 @@ class EvalSection(Section):
     calibration_samples: Annotated[int, Field(ge=1, **expected("--calibration-samples >= 1"))] = 256
     seed: int = 0
     record: bool = True  # write the result into the folder's zeda.json
+    # lm-eval tasks: "agreement" (greedy continuations vs the teacher's), built-in tasks on local data, user YAMLs
+    tasks: list[str] = []
+    task_data: list[str] = []  # NAME=FILE or NAME:SPLIT=FILE
+    include_path: Path | None = None  # a folder of the user's own lm-eval task YAMLs
+    gen_prompts: Path | None = None  # agreement prompts (default: data/prompts-heldout.jsonl of the lineage)
+    max_new_tokens: PositiveInt = 32  # agreement: greedy tokens per prompt
+    limit: PositiveInt | None = None  # at most this many samples per task
     # the quality-vs-FLOPs curve: the routing parameter calibrated to each budget (kept share of expert FLOPs)
     sweep_bias: bool = False
     budgets: list[Annotated[float, Field(gt=0.0, le=1.0)]] = [0.3, 0.4, 0.5, 0.6, 0.7]
@@ -209,13 +216,15 @@ class EvalSection(Section):
     min_top1: float | None = Field(None, ge=0.0, le=1.0)
     min_zero_share: float | None = Field(None, ge=0.0, le=1.0)
     max_expert_flops: float | None = Field(None, gt=0.0, le=1.0)
+    min_agreement: float | None = Field(None, ge=0.0, le=1.0)  # the agreement task's token_agreement
 
     @property
     def has_gates(self) -> bool:
-        return any(v is not None for v in (self.max_nll_rise, self.max_kl, self.min_top1, self.min_zero_share,
-                                           self.max_expert_flops))  # fmt: skip
+        gates = (self.max_nll_rise, self.max_kl, self.min_top1, self.min_zero_share, self.max_expert_flops,
+                 self.min_agreement)  # fmt: skip
+        return any(v is not None for v in gates)
 
-    @field_validator("budgets", mode="before")
+    @field_validator("budgets", "tasks", mode="before")
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
         return [part for part in value.split(",") if part.strip()] if isinstance(value, str) else value

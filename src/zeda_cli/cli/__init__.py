@@ -41,6 +41,7 @@ def quiet_libraries() -> None:
     """Library chatter off the console: our own progress and logs say what is happening."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # libraries' bars (weight loading, datasets, lm-eval)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not os.path.exists("/dev/nvidiactl"):  # no NVIDIA driver: DeepSpeed would warn that it fell back to CPU
         os.environ.setdefault("DS_ACCELERATOR", "cpu")

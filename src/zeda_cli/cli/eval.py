@@ -21,6 +21,8 @@ EPILOG = examples(
     "zeda eval ./orig --baseline top_p --budget 0.3 --calibration train.jsonl --data heldout.jsonl",
     "zeda eval ./dyn/export --sweep-bias --budgets 0.4,0.5,0.6 --json     # its own quality-vs-FLOPs curve",
     "zeda eval ./dyn/export --max-nll-rise 3% --min-zero-share 0.45       # a release gate: exit 7 if violated",
+    "zeda eval ./dyn/export --tasks agreement                             # greedy continuations vs the teacher's",
+    "zeda eval ./dyn/export --tasks gsm8k --task-data gsm8k=gsm8k-test.jsonl --limit 200",
 )
 
 
@@ -93,6 +95,25 @@ def eval_model(
     max_expert_flops: Annotated[
         float | None, typer.Option(help="Gate: the largest routed-expert FLOPs ratio vs the static model.")
     ] = None,
+    min_agreement: Annotated[
+        float | None, typer.Option(help="Gate: the lowest token agreement of the agreement task with the teacher.")
+    ] = None,
+    tasks: Annotated[
+        str | None,
+        typer.Option(
+            help="lm-eval tasks, comma-separated: agreement (greedy continuations vs the teacher's), a built-in task "
+            "with --task-data, or a task of --include-path. Needs zeda[lmeval]."
+        ),
+    ] = None,
+    task_data: Annotated[
+        list[str] | None, typer.Option(help="Local data of a built-in task: NAME=FILE or NAME:SPLIT=FILE.")
+    ] = None,
+    include_path: Annotated[Path | None, typer.Option(help="A folder of your own lm-eval task YAMLs.")] = None,
+    gen_prompts: Annotated[
+        Path | None, typer.Option(help="Agreement prompts, JSONL (default: data/prompts-heldout.jsonl of the model).")
+    ] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Agreement: greedy tokens per prompt.")] = 32,
+    limit: Annotated[int | None, typer.Option(help="At most this many samples per lm-eval task.")] = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -106,8 +127,9 @@ def eval_model(
                  "baseline": baseline, "budget": budget, "renorm": renorm, "calibration": calibration,
                  "calibration_samples": calibration_samples, "seed": seed, "record": record,
                  "sweep_bias": sweep_bias, "budgets": budgets, "max_nll_rise": max_nll_rise, "max_kl": max_kl,
-                 "min_top1": min_top1, "min_zero_share": min_zero_share,
-                 "max_expert_flops": max_expert_flops}  # fmt: skip
+                 "min_top1": min_top1, "min_zero_share": min_zero_share, "max_expert_flops": max_expert_flops,
+                 "min_agreement": min_agreement, "tasks": tasks, "task_data": task_data, "include_path": include_path,
+                 "gen_prompts": gen_prompts, "max_new_tokens": max_new_tokens, "limit": limit}  # fmt: skip
         flags = {f"eval.{k}": ("--" + k.replace("_", "-"), v) for k, v in given.items()}
         settings = recipe_from_flags(flags).eval
         with out.progress() as progress:
@@ -189,6 +211,9 @@ def _rows(r: dict[str, Any]) -> list[tuple[str, str]]:
                 f"({_pct(point.get('nll_delta_pct'))}), KL {point.get('kl_to_teacher', float('nan')):.4f}",
             )
         )
+    for task, metrics in (r.get("tasks") or {}).items():
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float) and "stderr" not in k)
+        rows.append((f"task {task}", f"{shown} ({metrics.get('samples')} samples)"))
     for gate in (r.get("gates") or {}).get("checks", []):
         rows.append((f"gate {gate['gate']} {gate['threshold']:g}", "passed" if gate["passed"] else "FAILED"))
     rows.append(("device / dtype / time", f"{r['device']} / {r['dtype']} / {r['seconds']} s"))

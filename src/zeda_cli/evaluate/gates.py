@@ -27,6 +27,7 @@ RULES = (
     GateRule("min_top1", "top1_agreement", upper=False),
     GateRule("min_zero_share", "zero_share", upper=False),
     GateRule("max_expert_flops", "expert_flops_ratio", upper=True),
+    GateRule("min_agreement", "tasks.agreement.token_agreement", upper=False),
 )
 
 
@@ -53,10 +54,17 @@ def check_gates(result: dict[str, Any], settings: EvalSection) -> list[GateResul
         threshold = getattr(settings, rule.setting)
         if threshold is None:
             continue
-        value = result.get(rule.metric)
+        value = _lookup(result, rule.metric)
         passed = value is not None and (value <= threshold if rule.upper else value >= threshold)
         checked.append(GateResult(rule.flag, rule.metric, float(threshold), value, passed))
     return checked
+
+
+def _lookup(result: dict[str, Any], path: str) -> float | None:
+    node: Any = result
+    for key in path.split("."):
+        node = node.get(key) if isinstance(node, dict) else None
+    return node if isinstance(node, int | float) else None
 
 
 def gate_summary(checked: list[GateResult]) -> dict[str, Any]:

@@ -8,9 +8,11 @@ described in :mod:`zeda_cli.evaluate.scoring`.
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +32,20 @@ from .data import CALIBRATION_CANDIDATES, HELDOUT, Batch, make_batches, pad_id_o
 from .flops import ExpertFlops
 from .gates import check_gates, gate_summary
 from .scoring import TeacherFn, evaluate_batches, summarize
+from .tasks import (
+    AGREEMENT,
+    Scorer,
+    agreement_task,
+    make_lm,
+    parse_task_data,
+    run_tasks,
+    summary,
+    task_list,
+    teacher_targets,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+GENERATION_PROMPTS = "data/prompts-heldout.jsonl"
 
 
 def _forward(model: nn.Module, context: Callable[[], Any] = nullcontext) -> TeacherFn:
@@ -40,6 +54,38 @@ def _forward(model: nn.Module, context: Callable[[], Any] = nullcontext) -> Teac
             return model(input_ids=ids, attention_mask=mask).logits
 
     return run
+
+
+def _measure(
+    net: nn.Module,
+    rc: ResolvedConfig,
+    folder: Path,
+    settings: EvalSection,
+    routing: BaselineRouting | None,
+    tokenizer: Any,
+    batches: Sequence[Batch],
+    calibration: Sequence[Batch],
+    stack: ExitStack,
+    track: Callable[[Sequence[Batch], str], Any] | None,
+    log: Callable[[str], None],
+    **load: Any,
+) -> dict[str, Any]:
+    """Everything measured on the loaded model: the baseline's calibration, NLL / KL / routing against the teacher,
+    the lm-eval tasks, and the curve; keys of the eval result (``tasks`` / ``curve`` only when asked for)."""
+    baseline = _calibrate(routing, settings, calibration, rc.num_experts, log) if routing is not None else None
+    reference = _teacher(net, folder, rc, settings, routing, **load)
+    teacher = reference.logits() if reference else None
+    tracked = (lambda b: track(b, "evaluating")) if track else iter
+    scores, tally = evaluate_batches(net, batches, rc.num_experts, teacher, tracked)
+    flops = ExpertFlops.of(rc)
+    out = {"teacher": reference and reference.name, **summarize(scores, tally, flops, teacher is not None),
+           "baseline": baseline}  # fmt: skip
+    scorer = task_scorer(settings, folder, tokenizer, reference, stack, log) if settings.tasks else None
+    if scorer is not None:
+        out["tasks"] = scorer(net)
+    if settings.sweep_bias:
+        out["curve"] = sweep(net, routing, settings, batches, calibration, teacher, flops, rc.num_experts, scorer, log)
+    return out
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype | str:
@@ -70,28 +116,17 @@ def run_eval(
     )
     runtime_form(net, rc.adapter.router_spec(rc.hf), int(rc.hf.hidden_size))
     started = time.perf_counter()
-    with _baseline_routing(net, settings) as routing:
-        baseline = None
-        if routing is not None:
-            baseline = _calibrate(routing, settings, calibration, rc.num_experts, log)
-            baseline["calibration_data"] = str(calibration_path)
-        teacher, teacher_name = _teacher(net, folder, rc, settings, routing, dtype, device)
-        tracked = (lambda b: track(b, "evaluating")) if track else iter
-        scores, tally = evaluate_batches(net, batches, rc.num_experts, teacher, tracked)
-        curve = None
-        if settings.sweep_bias:
-            curve = sweep(
-                net, routing, settings, batches, calibration, teacher, ExpertFlops.of(rc), rc.num_experts, log
-            )
+    with _baseline_routing(net, settings) as routing, ExitStack() as stack:
+        measured = _measure(net, rc, folder, settings, routing, tokenizer, batches, calibration, stack, track, log,
+                            dtype=dtype, device=device)  # fmt: skip
+    if measured["baseline"] is not None:
+        measured["baseline"]["calibration_data"] = str(calibration_path)
     result = {
-        "ok": True, "model": ref.source.spec, "kind": _kind(rc, settings), "teacher": teacher_name,
+        "ok": True, "model": ref.source.spec, "kind": _kind(rc, settings), "teacher": measured.pop("teacher"),
         "data": str(data_path), "samples": sum(ids.shape[0] for ids, _ in batches), "max_length": settings.max_length,
-        **summarize(scores, tally, ExpertFlops.of(rc), teacher is not None), "baseline": baseline,
-        "device": str(device), "dtype": str(next(net.parameters()).dtype).removeprefix("torch."),
+        **measured, "device": str(device), "dtype": str(next(net.parameters()).dtype).removeprefix("torch."),
         "seconds": round(time.perf_counter() - started, 2),
     }  # fmt: skip
-    if curve is not None:
-        result["curve"] = curve
     if settings.has_gates:
         result["gates"] = gate_summary(check_gates(result, settings))
         result["ok"] = result["gates"]["passed"]
@@ -147,6 +182,7 @@ def sweep(
     teacher: TeacherFn | None,
     flops: ExpertFlops,
     n: int,
+    scorer: Scorer | None,
     log: Callable[[str], None],
 ) -> list[dict[str, Any]]:
     """The quality-vs-FLOPs curve: at each of ``settings.budgets`` (kept share of the expert FLOPs), the routing
@@ -162,6 +198,8 @@ def sweep(
                 found = calibrate_bias(net, budget, calibration, n)
             scores, tally = evaluate_batches(net, batches, n, teacher)
             point = summarize(scores, tally, flops, teacher is not None)
+            if scorer is not None:
+                point["tasks"] = scorer(net)
             points.append({"budget": budget, **point, "calibration": found.to_dict()})
             log(f"sweep: {found.param_name}={found.param:.4f} -> expert FLOPs {point['expert_flops_ratio']:.3f}, "
                 f"NLL {point['heldout_nll']:.4f}")  # fmt: skip
@@ -171,6 +209,55 @@ def sweep(
         else:
             set_zero_expert_bias(net, saved)
     return points
+
+
+def task_scorer(
+    settings: EvalSection,
+    folder: Path,
+    tokenizer: Any,
+    reference: Reference | None,
+    stack: ExitStack,
+    log: Callable[[str], None],
+) -> Scorer:
+    """A function scoring a model on ``settings.tasks`` with lm-eval; for the agreement task the teacher's
+    continuations are generated once, here, and reused by every call."""
+    agreement = None
+    if AGREEMENT in settings.tasks:
+        prompts = _generation_prompts(folder, settings)
+        if reference is None:
+            raise BadInputError(
+                "--tasks agreement compares with a teacher and this static model has none",
+                expected="--teacher ORIGINAL, a dynamic model, or --baseline",
+                fix="pass --teacher",
+            )
+        targets = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="zeda-agreement-"))) / "targets.jsonl"
+        with reference.context():
+            lm = make_lm(reference.model, tokenizer, settings.batch_size)
+            teacher_targets(lm, prompts, targets, tokenizer, settings.max_new_tokens, settings.limit)
+        log(f"agreement: the teacher's greedy continuations of {prompts} ({settings.max_new_tokens} tokens)")
+        agreement = agreement_task(targets, tokenizer, settings.max_new_tokens)
+    tasks = task_list(settings.tasks, parse_task_data(settings.task_data), agreement)
+
+    def score(model: nn.Module) -> dict[str, dict[str, Any]]:
+        try:
+            results = run_tasks(make_lm(model, tokenizer, settings.batch_size), tasks, settings.include_path,
+                                settings.limit)  # fmt: skip
+        except (KeyError, ValueError, FileNotFoundError) as err:
+            raise BadInputError(f"lm-eval could not run {', '.join(settings.tasks)} ({type(err).__name__}: {err})",
+                                expected="task names lm-eval knows, with their data on this machine",
+                                fix="check --tasks, --task-data and --include-path") from err  # fmt: skip
+        return summary(results)
+
+    return score
+
+
+def _generation_prompts(folder: Path, settings: EvalSection) -> Path:
+    prompts = settings.gen_prompts or find_file(folder, [GENERATION_PROMPTS])
+    if prompts is None:
+        raise BadInputError(f"--tasks agreement needs prompts and {folder} has no {GENERATION_PROMPTS}",
+                            expected='--gen-prompts FILE, JSONL with one {"prompt": ...} per line',
+                            fix="pass --gen-prompts FILE")  # fmt: skip
+    return prompts
 
 
 @contextmanager
@@ -196,27 +283,41 @@ def _calibrate(
     return calibration.to_dict() | {"renorm": settings.renorm, "seed": settings.seed}
 
 
+@dataclass(frozen=True)
+class Reference:
+    """The teacher: a model object and the context that makes it the original (nullcontext for a separate model;
+    the baseline switched off, or the zero experts masked, when it is the evaluated model's own weights)."""
+
+    model: nn.Module
+    context: Callable[[], Any]
+    name: str
+
+    def logits(self) -> TeacherFn:
+        return _forward(self.model, self.context)
+
+
 def _teacher(
     model: nn.Module,
     folder: Path,
     rc: ResolvedConfig,
     settings: EvalSection,
     routing: BaselineRouting | None,
+    *,
     dtype: Any,
     device: torch.device,
-) -> tuple[TeacherFn | None, str | None]:
+) -> Reference | None:
     if settings.teacher:
-        return _forward(load_model(settings.teacher, dtype=dtype, device=device)), settings.teacher
+        return Reference(load_model(settings.teacher, dtype=dtype, device=device), nullcontext, settings.teacher)
     if routing is not None:
-        return _forward(model, routing.disabled), "the static model (same weights, baseline off)"
+        return Reference(model, routing.disabled, "the static model (same weights, baseline off)")
     if rc.dynamic:
         spec = original_teacher(lineage(folder))
         if spec is not None and not (spec.masked and Path(spec.path).resolve() == folder.resolve()):
             teacher = load_model(spec.path, dtype=dtype, device=device, use_zce_mask=spec.masked or None)
-            return _forward(teacher), f"{spec.path} (the original, from the run's manifests)"
+            return Reference(teacher, nullcontext, f"{spec.path} (the original, from the run's manifests)")
         how = "" if spec is not None else "; no zeda manifest: exact only for an untrained injection, else --teacher"
-        return _forward(model, lambda: zero_experts_masked(model)), f"the static model (zero experts masked{how})"
-    return None, None
+        return Reference(model, lambda: zero_experts_masked(model), f"the static model (zero experts masked{how})")
+    return None
 
 
 def _kind(rc: ResolvedConfig, settings: EvalSection) -> str:
