@@ -25,21 +25,21 @@ def run_quick(script: str, out: Path, timeout: int = 900) -> dict:
 
 
 def test_quality_quick(tmp_path):
+    from zeda_cli.recipes import BASELINES
+
     result = run_quick("quality.py", tmp_path / "quality.json")
-    rows = result["rows"]
-    methods = {r["method"] for r in rows}
-    assert {"teacher (static)", "injected, untrained", "ZEDA full", "ZEDA router-only"} <= methods
-    assert {"top_p", "naee", "threshold", "random"} <= methods
-    teacher = next(r for r in rows if r["method"] == "teacher (static)")
-    assert teacher["zero_share"] == 0 and teacher["expert_flops_ratio"] == pytest.approx(1.0)
-    for r in rows:
-        assert abs(r["expert_flops_ratio"] + r["zero_share"] - 1.0) < 1e-6, r["method"]
-        if r["budget"] is not None:
-            assert abs(r["expert_flops_ratio"] - r["budget"]) < 0.1, r  # calibrated on other texts: loose here
-    zeda = [r for r in rows if r["method"].startswith("ZEDA")]
-    assert {r["stage"] for r in zeda} == {"stage 1", "stage 1+2"} and all(r["zero_share"] > 0 for r in zeda)
-    assert len(result["goal"]["checks"]) == len(zeda)
-    assert (tmp_path / "quality.png").stat().st_size > 10_000
+    curves = result["curves"]
+    assert set(curves) == {"ZEDA demo", *BASELINES}
+    for method, c in curves.items():
+        assert len(c["points"]) == 2, method  # the quick budgets 0.4, 0.6
+        for p in c["points"]:
+            assert abs(p["expert_flops_ratio"] + p["zero_share"] - 1.0) < 1e-6, method
+            assert p["nll_delta_pct"] > 0 and 0.0 <= p["token_agreement"] <= 1.0, method
+        flops = [p["expert_flops_ratio"] for p in c["points"]]
+        assert all(0.3 < f < 0.75 for f in flops) and flops[0] <= flops[1], method  # calibrated on other texts
+    assert curves["ZEDA demo"]["as_evaluated"]["zero_share"] > 0 and curves["ZEDA demo"]["train_seconds"] > 0
+    assert set(result["grid"]["top_p"]) == {"0.3", "0.4", "0.5", "0.6", "0.7"}
+    assert {c["flops"] for c in result["goal"]["checks"]} <= {0.3, 0.4, 0.5}
 
 
 def test_io_quick(tmp_path):
