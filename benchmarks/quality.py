@@ -13,6 +13,7 @@ agreement above, every baseline's at the same FLOPs.
 
     python benchmarks/quality.py            # the full comparison (CPU, see README for the runtime)
     python benchmarks/quality.py --quick    # the demo recipe only, fewer texts and points: the CI smoke run
+    python benchmarks/quality.py --trained "ZEDA quality=runs/q/stage2"   # reuse a finished zeda convert
 """
 
 from __future__ import annotations
@@ -126,8 +127,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     curves: dict[str, dict[str, Any]] = {}
     try:
         for name, (recipe, overrides) in (QUICK_VARIANTS if args.quick else VARIANTS).items():
-            folder, seconds = train(work, name, recipe, overrides)
-            curves[name] = curve(folder, args) | {"recipe": recipe, "overrides": overrides, "train_seconds": seconds}
+            if name in args.trained:  # converted beforehand with the same recipe: measure that folder
+                folder, seconds = args.trained[name], None
+            else:
+                folder, seconds = train(work, name, recipe, overrides)
+            curves[name] = curve(folder, args) | {"recipe": recipe, "overrides": overrides, "train_seconds": seconds,
+                                                  "folder": str(folder)}  # fmt: skip
         for method in BASELINES:
             curves[method] = curve(BUNDLED, args, baseline=method)
     finally:
@@ -190,8 +195,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--new-tokens", type=int, default=32, help="greedy tokens per agreement prompt")
     parser.add_argument("--max-length", type=int, default=512, help="tokens per held-out / calibration text")
     parser.add_argument("--calibration-samples", type=int, default=256, help="calibration prompts per bisection")
+    parser.add_argument(
+        "--trained",
+        action="append",
+        default=[],
+        metavar="NAME=FOLDER",
+        help='a ZEDA variant already converted with its recipe, e.g. "ZEDA quality=runs/q/stage2"',
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    args.trained = {k: Path(v) for k, v in (t.split("=", 1) for t in args.trained)}
     args.budgets = args.budgets or ([0.4, 0.6] if args.quick else [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8])
     if args.quick:  # structure and sanity, in minutes: short texts, few of them
         args.eval_samples, args.gen_prompts = args.eval_samples or 24, args.gen_prompts or 8

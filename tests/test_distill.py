@@ -129,3 +129,37 @@ def test_eval_measures_a_distilled_stage_against_the_original(base, stage1):
     distilled = run_eval(str(stage1), settings)
     assert "the original" in distilled["teacher"]
     assert distilled["teacher_nll"] == pytest.approx(static["heldout_nll"], abs=1e-5)
+
+
+def test_stage1_dense_kl_with_a_router_learning_rate_beats_the_untrained_model(base, tmp_path):
+    overrides = [*STAGE1, f"data.prompts={base.prompts}", "stage1.loss=kl", "stage1.kl_positions=all",
+                 "stage1.trainable=full", "stage1.optim.lr=3e-4", "stage1.optim.router_lr=3e-3"]  # fmt: skip
+    summary = _distill(1, base.inject, tmp_path / "s1", overrides)
+    assert summary["final_kl"] is not None and summary["final_ce"] is None
+    kl_untrained, _ = heldout_quality(base.inject, base)
+    kl, zero = heldout_quality(tmp_path / "s1", base)
+    assert kl < kl_untrained and abs(zero - TARGET) <= 0.15, (kl_untrained, kl, zero)
+
+
+def test_stage1_dense_kl_on_response_tokens_with_the_router_view_teacher(base, tmp_path):
+    """Router-only: the teacher is the student with its original router rows swapped in (no second model)."""
+    overrides = [*STAGE1, f"data.prompts={base.prompts}", "stage1.loss=kl", "stage1.max_steps=2"]
+    summary = _distill(1, base.inject, tmp_path / "s1", overrides)
+    records = [json.loads(line) for line in (tmp_path / "s1" / "metrics.jsonl").read_text().splitlines()]
+    assert summary["steps"] == 2 and all(r["kl"] > 0 and "ce" not in r for r in records)
+
+
+def test_router_rows_get_their_own_learning_rate_and_weight_decay(base):
+    from zeda_cli.distill.engines import param_groups
+    from zeda_cli.recipes import OptimSection
+    from zeda_cli.runtime.zeda_dynamic_moe import routers
+
+    model = load_model(base.inject)
+    router_ids = {id(r.weight) for _, r in routers(model)}
+    groups = param_groups(model, OptimSection(lr=1e-4, router_lr=1e-2, router_weight_decay=0.0))
+    router_group = [g for g in groups if "lr" in g]
+    assert len(router_group) == 1 and router_group[0]["lr"] == 1e-2 and router_group[0]["weight_decay"] == 0.0
+    assert {id(p) for p in router_group[0]["params"]} == router_ids
+    plain = param_groups(model, OptimSection(lr=1e-4))
+    assert len(plain) == 2 and all("lr" not in g for g in plain)
+    assert sum(len(g["params"]) for g in plain) == sum(len(g["params"]) for g in groups)

@@ -9,6 +9,7 @@ import torch
 
 from zeda_cli.distill.losses import (
     GroupBalance,
+    forward_kl_loss,
     full_reverse_kl_loss,
     response_cross_entropy,
     sampled_reverse_kl_loss,
@@ -106,6 +107,16 @@ def test_full_reverse_kl_matches_the_definition_in_any_chunking():
     expected = ((ps * (lps - lpt)).sum(-1) * mask).sum() / 4.0
     for chunk in (1, 3, 100):
         assert full_reverse_kl_loss(s, t, mask, 4.0, chunk).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_forward_kl_matches_the_definition_in_any_chunking():
+    s, t = torch.randn(2, 7, 11), torch.randn(2, 7, 11)
+    mask = torch.tensor([[0, 1, 1, 1, 0, 0, 1], [1, 1, 0, 0, 0, 1, 1]], dtype=torch.float)
+    pt, lps, lpt = torch.softmax(t, -1), torch.log_softmax(s, -1), torch.log_softmax(t, -1)
+    expected = ((pt * (lpt - lps)).sum(-1) * mask).sum() / 4.0
+    for chunk in (1, 3, 100):
+        assert forward_kl_loss(s, t, mask, 4.0, chunk).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert forward_kl_loss(t, t, mask, 4.0).item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_sampled_loss_is_an_unbiased_reverse_kl_gradient():

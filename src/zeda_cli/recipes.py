@@ -77,6 +77,10 @@ class OptimSection(Section):
     weight_decay: NonNegative = 0.1
     betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.98)
     grad_clip: NonNegative = 1.0
+    # The router rows in their own parameter group (None: the lr / weight decay above). Under full-parameter
+    # training the router must move much further than the body: the body only compensates for skipped slots.
+    router_lr: Annotated[float, Field(gt=0.0)] | None = None
+    router_weight_decay: NonNegative | None = None
 
 
 class DataSection(Section):
@@ -118,6 +122,12 @@ class Stage1Section(TrainCommon):
     max_seq_len: PositiveInt = 4096  # rollouts (prompt + response) are cut to this many tokens
     global_batch_size: PositiveInt = 128
     max_steps: PositiveInt | None = None
+    # ce (official): token CE on the teacher's sampled response tokens. kl: forward KL(teacher || student) to the
+    # teacher's full next-token distribution on the rollouts (dense: every vocabulary entry carries signal), on
+    # the response tokens or on every position (prompt too).
+    loss: Literal["ce", "kl"] = "ce"
+    kl_positions: Literal["response", "all"] = "response"
+    kl_chunk_size: PositiveInt = 1024
 
 
 class Stage2Section(TrainCommon):

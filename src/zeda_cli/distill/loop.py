@@ -69,7 +69,7 @@ class StageLoop:
     def finish(self) -> dict[str, Any]:
         records = self.log.records()
         summary = summarize(records, self.total, self.tokens_seen)
-        if self.job.stage == 2:
+        if self.job.stage == 2 or "kl" in (records or [{}])[-1]:  # stage 2, or stage 1 with the dense KL
             summary["final_kl"] = (records or [{}])[-1].get("kl")
         section = f"stage{self.job.stage}"
         settings = {section: stage_section(self.job).model_dump(mode="json"),

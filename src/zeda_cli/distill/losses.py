@@ -129,11 +129,28 @@ def full_reverse_kl_loss(
     chunk: int = 1024,
 ) -> torch.Tensor:
     """Exact Σ_v p_S(v)·(log p_S(v) − log p_T(v)) per position of the model itself (no sampling temperature: nothing
-    is estimated from samples here), weighted by ``mask`` and summed, over ``normalizer``; computed in chunks."""
-    total = student_logits.new_zeros((), dtype=torch.float32)
-    for start in range(0, student_logits.shape[1], chunk):
-        s = torch.log_softmax(student_logits[:, start : start + chunk].float(), dim=-1)
-        t = torch.log_softmax(teacher_logits[:, start : start + chunk].float(), dim=-1)
-        kl = (s.exp() * (s - t)).sum(dim=-1)
-        total = total + (kl * mask[:, start : start + chunk]).sum()
-    return total / normalizer
+    is estimated from samples here), weighted by ``mask`` and summed, over ``normalizer``."""
+    return _weighted_kl(student_logits, teacher_logits, mask, chunk) / normalizer
+
+
+def forward_kl_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    mask: torch.Tensor,
+    normalizer: float,
+    chunk: int = 1024,
+) -> torch.Tensor:
+    """Dense stage-1 loss: Σ_v p_T(v)·(log p_T(v) − log p_S(v)) per position, weighted by ``mask`` and summed, over
+    ``normalizer``: the teacher's whole next-token distribution as the target instead of its one sampled token."""
+    return _weighted_kl(teacher_logits, student_logits, mask, chunk) / normalizer
+
+
+def _weighted_kl(p_logits: torch.Tensor, q_logits: torch.Tensor, weights: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Σ_positions weights · KL(p ‖ q) of the next-token distributions, in sequence chunks (bounded memory)."""
+    total = p_logits.new_zeros((), dtype=torch.float32)
+    for start in range(0, p_logits.shape[1], chunk):
+        p = torch.log_softmax(p_logits[:, start : start + chunk].float(), dim=-1)
+        q = torch.log_softmax(q_logits[:, start : start + chunk].float(), dim=-1)
+        kl = (p.exp() * (p - q)).sum(dim=-1)
+        total = total + (kl * weights[:, start : start + chunk]).sum()
+    return total

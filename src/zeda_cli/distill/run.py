@@ -129,7 +129,7 @@ def run_local(job: DistillJob, on_step: StepCallback | None = None) -> dict[str,
     def make_engine(m: Any, total: int) -> LocalEngine:
         return LocalEngine(m, section.optim, total, device, autocast)
 
-    if job.stage == 1:
+    if job.stage == 1 and job.recipe.stage1.loss == "ce":
         return run_stage1(job, model, tokenizer, make_engine, on_step)
     teacher: Teacher
     if rows is not None:
@@ -137,6 +137,8 @@ def run_local(job: DistillJob, on_step: StepCallback | None = None) -> dict[str,
     else:
         frozen = load_model(job.teacher.path, dtype=dtype, use_zce_mask=job.teacher.masked or None)
         teacher = ModelTeacher(frozen.to(device))
+    if job.stage == 1:
+        return run_stage1(job, model, tokenizer, make_engine, on_step, teacher)
     return run_stage2(job, model, teacher, tokenizer, make_engine, on_step)
 
 

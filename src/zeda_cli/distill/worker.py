@@ -83,13 +83,16 @@ def run_rank(job: DistillJob) -> dict[str, Any]:
         return DeepSpeedEngine(m, section.optim, total, config, block)
 
     on_step = _printer(rank)
-    if job.stage == 1:
+    if job.stage == 1 and job.recipe.stage1.loss == "ce":
         return run_stage1(job, model, tokenizer, make_engine, on_step)
     t_config = teacher_config(config)
     keep_alive.append(hf_deepspeed_config(t_config))  # the teacher loads partitioned too
     frozen = load_model(job.teacher.path, dtype=dtype, use_zce_mask=job.teacher.masked or None)
     teacher = DeepSpeedTeacher(frozen, t_config, block)
-    summary = run_stage2(job, model, teacher, tokenizer, make_engine, on_step)
+    if job.stage == 1:
+        summary = run_stage1(job, model, tokenizer, make_engine, on_step, teacher)
+    else:
+        summary = run_stage2(job, model, teacher, tokenizer, make_engine, on_step)
     del keep_alive
     return summary
 

@@ -126,7 +126,8 @@ def estimate_stages(shape: ModelShape, recipe: Recipe, device: str, stages: list
         elif stage in ("stage1", "stage2"):
             section = recipe.stage1 if stage == "stage1" else recipe.stage2
             dev, host, formula = _train(shape, section, recipe, bytes_, n)
-            if stage == "stage2" and section.trainable != "router":
+            needs_teacher = stage == "stage2" or recipe.stage1.loss == "kl"  # the dense stage-1 loss reads it
+            if needs_teacher and section.trainable != "router":
                 dev += bytes_ * shape.total_params // (n if recipe.distributed.deepspeed else 1)
                 formula += " + frozen teacher"
             out.append(StageEstimate(stage, device, (dev + MARGIN[device]) / GB, host / GB, n, formula))

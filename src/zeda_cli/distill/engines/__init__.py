@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ...recipes import OptimSection
+from ...runtime.zeda_dynamic_moe import routers
 
 
 class Engine(Protocol):
@@ -67,12 +68,20 @@ def lr_multiplier(optim: OptimSection, total_steps: int) -> Callable[[int], floa
     return multiplier
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on matrices only (not on norms, biases or 1-D tensors), trainable parameters only."""
-    decay, no_decay = [], []
+def param_groups(model: nn.Module, optim: OptimSection) -> list[dict[str, Any]]:
+    """Weight decay on matrices only (not on norms, biases or 1-D tensors), trainable parameters only; the router
+    weights form a third group with their own lr / weight decay when ``optim.router_lr`` or
+    ``optim.router_weight_decay`` is set."""
+    split = optim.router_lr is not None or optim.router_weight_decay is not None
+    router_ids = {id(r.weight) for _, r in routers(model)} if split else set()
+    decay, no_decay, router = [], [], []
     for _, p in model.named_parameters():
         if p.requires_grad:
             # ZeRO-3 parameters are flat 1-D partitions; their real shape is ds_shape.
             ndim = len(getattr(p, "ds_shape", p.shape))
-            (decay if ndim >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            (router if id(p) in router_ids else decay if ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if router:
+        wd = optim.weight_decay if optim.router_weight_decay is None else optim.router_weight_decay
+        groups.append({"params": router, "weight_decay": wd, "lr": optim.router_lr or optim.lr})
+    return [g for g in groups if g["params"]]

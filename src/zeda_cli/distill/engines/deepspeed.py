@@ -91,7 +91,7 @@ class DeepSpeedEngine:
             return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(optim, total_steps))
 
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, model_parameters=param_groups(model, optim.weight_decay), lr_scheduler=schedule, config=config
+            model=model, model_parameters=param_groups(model, optim), lr_scheduler=schedule, config=config
         )
         self.module = self.engine.module
         self.rank = dist.get_rank()

@@ -38,7 +38,7 @@ class LocalEngine:
         self.autocast_dtype = autocast_dtype
         self.grad_clip = optim.grad_clip
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr, betas=optim.betas)
+        self.optimizer = torch.optim.AdamW(param_groups(model, optim), lr=optim.lr, betas=optim.betas)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_multiplier(optim, total_steps))
 
     def forward(self, **inputs: Any) -> Any:
