@@ -150,6 +150,26 @@ class DistributedSection(Section):
     nproc: PositiveInt = 1
 
 
+class GenerationSection(Section):
+    """Who samples: the teacher's stage-1 rollouts and the student's stage-2 samples.
+
+    ``hf``: transformers' ``generate`` in the training process. ``vllm``: a vLLM engine in its own environment
+    (``vllm_python``: a Python with vllm + zeda-vllm, started and stopped by zeda; default the ``.venv-vllm`` that
+    ``make install-vllm`` builds) or one a user started (``vllm_url``: ``python -m zeda_vllm.engine``, same node).
+    """
+
+    engine: Annotated[Literal["hf", "vllm"], Field(**expected("hf or vllm"))] = "hf"
+    vllm_python: str | None = None  # default: .venv-vllm/bin/python beside the zeda checkout, if it exists
+    vllm_url: str | None = None  # e.g. http://127.0.0.1:8011 (zeda then starts nothing)
+    dtype: Annotated[FloatDtype, Field(**expected("auto, bfloat16, float16, float32"))] = "auto"
+    max_model_len: PositiveInt | None = None  # default: prompt + max_new_tokens of the stage, rounded up
+    gpu_memory_utilization: Annotated[float, Field(gt=0.0, le=1.0)] = 0.5  # the trainer shares the GPU
+    tensor_parallel_size: PositiveInt = 1
+    enforce_eager: bool = False  # skip torch.compile / CUDA graphs (faster start, slower steps)
+    startup_timeout_s: PositiveInt = 900
+    request_timeout_s: PositiveInt = 3600
+
+
 class RuntimeSection(Section):
     dtype: FloatDtype = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -285,6 +305,7 @@ class Recipe(Section):
     stage2: Stage2Section = Stage2Section()
     distributed: DistributedSection = DistributedSection()
     runtime: RuntimeSection = RuntimeSection()
+    generation: GenerationSection = GenerationSection()
     eval: EvalSection = EvalSection()
     export: ExportSection = ExportSection()
     push: PushSection = PushSection()

@@ -31,6 +31,7 @@ class DistillJob(BaseModel):
     recipe: Recipe
     resume: bool = False
     rollouts: str | None = None  # stage 1: the teacher-rollout JSONL to train on
+    engine_url: str | None = None  # stage 2 with generation.engine vllm: the running engine (set by run_job)
 
     def write(self, folder: Path) -> Path:
         path = folder / JOB_FILE

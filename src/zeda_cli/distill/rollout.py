@@ -2,28 +2,28 @@
 
 Resumable: records are appended per batch; a rerun with the same settings continues after the last complete
 batch (batch b always uses seed ``seed + b``, so a resumed file equals an uninterrupted one). A rerun with other
-settings is refused instead of mixing two distributions. For large teachers, generate the same JSONL with vLLM
-or SGLang (fields: id, prompt, prompt_ids, response, response_ids, finished) and pass it with ``--rollouts``.
+settings is refused instead of mixing two distributions. ``generation.engine: vllm`` samples the same records with
+a vLLM engine serving the static teacher (see :mod:`.generation`); any other engine can write the same JSONL
+(fields: id, prompt, prompt_ids, response, response_ids, finished) for ``--rollouts``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..console import ProgressBar
 from ..errors import BadInputError
-from ..recipes import DataSection, RolloutSection, RuntimeSection
+from ..recipes import DataSection, GenerationSection, RolloutSection, RuntimeSection
 from ..runs import TeacherSpec
-from ..runtime.loading import load_model, load_tokenizer, resolve_device
+from ..runtime.loading import load_tokenizer
 from .data import append_rollouts, load_prompt_records, read_rollouts, render_prompt, rewrite_rollouts
-from .sampling import SamplingSettings, sample_responses
-from .state import compute_dtype
+from .generation import Sampler, teacher_sampler
+from .sampling import SamplingSettings
 
 ROLLOUTS_FILE = "rollouts.jsonl"
 
@@ -51,12 +51,15 @@ def tokenize_prompts(records: list[Any], tokenizer: Any, data: DataSection) -> l
     return out
 
 
-def _meta(teacher: TeacherSpec, data: DataSection, settings: RolloutSection, prompts: list[list[int]]) -> dict:
+def _meta(
+    teacher: TeacherSpec, data: DataSection, settings: RolloutSection, prompts: list[list[int]], engine: str
+) -> dict:
     digest = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
     return {
         "teacher": teacher.model_dump(),
         "rollout": settings.model_dump(mode="json"),
         "prompts": {"source": data.prompts, "count": len(prompts), "sha256": digest},
+        **({"engine": engine} if engine != "hf" else {}),  # another engine samples other (equally valid) responses
     }
 
 
@@ -89,19 +92,20 @@ def generate_rollouts(
     *,
     overwrite: bool = False,
     progress: ProgressBar | None = None,
+    generation: GenerationSection | None = None,
 ) -> RolloutSummary:
     tokenizer = load_tokenizer(teacher.path)
     prompts = tokenize_prompts(load_prompt_records(data), tokenizer, data)
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = _meta(teacher, data, settings, [p for _, p in prompts])
+    generation = generation or GenerationSection()
+    meta = _meta(teacher, data, settings, [p for _, p in prompts], generation.engine)
     done = _resume_point(path, meta, overwrite, settings.batch_size)
     first_batch = len(done) // settings.batch_size
     generated = 0
     if first_batch * settings.batch_size < len(prompts):
-        device = resolve_device(runtime.device)
-        model = load_model(teacher.path, dtype=compute_dtype(runtime, device), use_zce_mask=teacher.masked or None)
-        model.to(device)
-        generated = _generate(model, tokenizer, prompts, settings, path, first_batch, device, progress)
+        with teacher_sampler(teacher, runtime, generation, [p for _, p in prompts], settings.max_new_tokens,
+                             path.parent) as sampler:  # fmt: skip
+            generated = _generate(sampler, tokenizer, prompts, settings, path, first_batch, progress)
     records = read_rollouts(path)
     return RolloutSummary(
         path=path,
@@ -112,15 +116,24 @@ def generate_rollouts(
     )
 
 
-def _generate(model, tokenizer, prompts, settings, path, first_batch, device, progress) -> int:
+def _generate(
+    sampler: Sampler,
+    tokenizer: Any,
+    prompts: list[tuple[str, list[int]]],
+    settings: RolloutSection,
+    path: Path,
+    first_batch: int,
+    progress: ProgressBar | None,
+) -> int:
     batches = range(first_batch, (len(prompts) + settings.batch_size - 1) // settings.batch_size)
-    task = progress.task("teacher rollouts", total=len(batches)) if progress else None
+    task = progress.task(f"teacher rollouts ({sampler.name})", total=len(batches)) if progress else None
     sampling = SamplingSettings(settings.max_new_tokens, settings.temperature, settings.top_p)
-    generated = 0
+    generated = tokens = 0
+    began = time.perf_counter()
     for b in batches:
         chunk = prompts[b * settings.batch_size : (b + 1) * settings.batch_size]
-        with torch.no_grad():
-            samples = sample_responses(model, tokenizer, [p for _, p in chunk], sampling, settings.seed + b, device)
+        samples = sampler.sample([p for _, p in chunk], sampling, settings.seed + b)
+        tokens += sum(len(r) for r, _ in samples)
         records = [
             {
                 "id": b * settings.batch_size + i,
@@ -135,5 +148,5 @@ def _generate(model, tokenizer, prompts, settings, path, first_batch, device, pr
         append_rollouts(path, records)
         generated += len(records)
         if progress and task is not None:
-            progress.advance(task)
+            progress.advance(task, info=f"{tokens / max(time.perf_counter() - began, 1e-9):.0f} tok/s")
     return generated

@@ -18,11 +18,12 @@ from ..recipes import Recipe
 from ..runs import read_manifest
 from ..runtime.loading import load_model, load_tokenizer, resolve_device
 from .engines.local import LocalEngine
+from .generation import student_engine
 from .job import DistillJob, build_job
 from .loop import StepCallback
 from .rollout import ROLLOUTS_FILE, generate_rollouts
 from .stage1 import run_stage1
-from .stage2 import run_stage2
+from .stage2 import run_stage2, stage2_prompts
 from .state import TEACHER_ROUTER_FILE, compute_dtype, load_student, stage_section
 from .teachers import (
     ModelTeacher,
@@ -104,17 +105,23 @@ def ensure_rollouts(job: DistillJob, progress: ProgressBar | None) -> DistillJob
     if job.stage != 1 or job.rollouts:
         return job
     path = Path(job.out) / ROLLOUTS_FILE
-    generate_rollouts(job.teacher, job.recipe.data, job.recipe.rollout, job.recipe.runtime, path, progress=progress)
+    recipe = job.recipe
+    generate_rollouts(job.teacher, recipe.data, recipe.rollout, recipe.runtime, path, progress=progress,
+                      generation=recipe.generation)  # fmt: skip
     return job.model_copy(update={"rollouts": str(path)})
 
 
 def run_job(job: DistillJob, on_step: StepCallback | None = None, launcher: Launcher | None = None) -> dict[str, Any]:
-    distributed = job.recipe.distributed
-    if distributed.deepspeed or distributed.nproc > 1:
-        from .launch import launch_job
+    """Run the stage here or on the launcher's ranks; a vLLM generation engine (stage 2) lives for the whole run."""
+    prompts = stage2_prompts(job, load_tokenizer(job.student)) if job.stage == 2 else []
+    with student_engine(job, prompts) as url:
+        job = job.model_copy(update={"engine_url": url}) if url else job
+        distributed = job.recipe.distributed
+        if distributed.deepspeed or distributed.nproc > 1:
+            from .launch import launch_job
 
-        return (launcher or launch_job)(job, Path(job.out))
-    return run_local(job, on_step)
+            return (launcher or launch_job)(job, Path(job.out))
+        return run_local(job, on_step)
 
 
 def run_local(job: DistillJob, on_step: StepCallback | None = None) -> dict[str, Any]:

@@ -13,11 +13,12 @@ from ..recipes import Stage2Section
 from ..runtime.zeda_dynamic_moe import RouterSpec, RoutingRecorder, RoutingTally
 from .data import load_prompt_records, micro_batches
 from .engines import Engine, EngineFactory
+from .generation import Sampler, student_sampler
 from .job import DistillJob
 from .loop import StageLoop, StepCallback
 from .losses import GroupBalance, full_reverse_kl_loss, position_weights, sampled_reverse_kl_loss, token_logprobs
 from .rollout import tokenize_prompts
-from .sampling import SamplingSettings, SequenceBatch, sample_responses, sequence_batch, special_ids
+from .sampling import SamplingSettings, SequenceBatch, sequence_batch, special_ids
 from .teachers import Teacher
 
 
@@ -38,13 +39,17 @@ def run_stage2(
     s2 = job.recipe.stage2
     prompts = stage2_prompts(job, tokenizer)
     loop = StageLoop.begin(job, make_engine(model, s2.steps), s2.steps, on_step)
+    sampler = student_sampler(job, loop.engine, tokenizer, prompts)
+    sampler.sync(loop.engine.module)  # the engine starts from the weights training starts (or resumes) from
     for step in loop.steps():
         began = time.perf_counter()
         chosen = [prompts[(step * s2.prompts_per_step + j) % len(prompts)] for j in range(s2.prompts_per_step)]
         rank, world = loop.engine.rank, loop.engine.world_size
         mine = [p for p in chosen[rank::world] for _ in range(s2.samples_per_prompt)]
         seed = s2.seed + step * 1000
-        record = _opd_step(loop.engine, teacher, tokenizer, mine, job, loop.balance, loop.spec, seed=seed)
+        record = _opd_step(loop.engine, teacher, tokenizer, mine, job, loop.balance, loop.spec, sampler, seed)
+        if step + 1 < loop.total:  # the next step samples from the updated weights
+            record["sync_s"] = round(sampler.sync(loop.engine.module), 4)
         loop.end_step(step, record, began)
     return loop.finish()
 
@@ -80,20 +85,13 @@ def _opd_step(
     job: DistillJob,
     balance: GroupBalance,
     spec: RouterSpec,
+    sampler: Sampler,
     seed: int,
 ) -> dict[str, Any]:
     s2 = job.recipe.stage2
     pad, _ = special_ids(tokenizer, engine.module)
     settings = SamplingSettings(s2.max_new_tokens, s2.temperature, 1.0)
-    sampled = sample_responses(
-        engine.module,
-        tokenizer,
-        prompts,
-        settings,
-        seed + engine.rank,
-        engine.device,
-        synced_gpus=engine.world_size > 1,
-    )
+    sampled = sampler.sample(prompts, settings, seed + engine.rank)
     responses = [r for r, _ in sampled]
     local_tokens = float(sum(len(r) for r in responses))
     # The step's totals as each rank counts them (ranks' gradients are averaged, not summed).

@@ -125,7 +125,7 @@ class StageRunners:
         item.folder.mkdir(parents=True, exist_ok=True)
         with self.output.progress() as progress:
             summary = generate_rollouts(teacher, r.data, r.rollout, r.runtime, item.folder / ROLLOUTS_FILE,
-                                        progress=progress)  # fmt: skip
+                                        progress=progress, generation=r.generation)  # fmt: skip
         write_rollout_manifest(item.folder, summary, {"rollout": r.rollout.model_dump(mode="json")})
         return {"prompts": summary.prompts, "mean_response_tokens": round(summary.mean_response_tokens, 1)}
 
