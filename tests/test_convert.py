@@ -153,3 +153,17 @@ def test_30b_model_is_refused_early_on_this_machine(qwen30b, tmp_path):
     assert plan.exit_code == 0, plan.output
     stage1 = next(s for s in json.loads(plan.stdout)["stages"] if s["stage"] == "stage1")
     assert stage1["estimate"]["processes"] == 8 and 20 < stage1["estimate"]["per_process_gb"] < 200
+
+
+def test_dry_run_counts_the_vllm_engine(qwen30b, tmp_path):
+    def plan(*sets: str) -> dict[str, dict]:
+        args = ["convert", str(qwen30b), "--out", str(tmp_path / "dyn"), "--dry-run", "--json"]
+        result = runner.invoke(app, [*args, *(a for s in sets for a in ("--set", s))])
+        assert result.exit_code == 0, result.output
+        return {s["stage"]: s["estimate"] for s in json.loads(result.stdout)["stages"]}
+
+    hf, vllm = plan(), plan("generation.engine=vllm")
+    weights_gb = 2 * 30.5e9 / 1024**3  # bf16 Qwen3-30B-A3B: the engine serves a full copy
+    assert "vLLM engine" in vllm["rollout"]["formula"] and "vLLM engine" in vllm["stage2"]["formula"]
+    assert vllm["stage2"]["per_process_gb"] - hf["stage2"]["per_process_gb"] > weights_gb
+    assert vllm["stage1"] == hf["stage1"]

@@ -100,6 +100,13 @@ def _train(shape: ModelShape, section: TrainCommon, recipe: Recipe, bytes_: int,
     return 16 * p // n + gathered + act, 0, "ZeRO-3: 16 B/param / ranks + gathered block + activations"
 
 
+def _engine(shape: ModelShape, bytes_: int, sequences: int, new_tokens: int) -> int:
+    """A vLLM generation engine: the served weights + the KV cache of one batch (on a GPU, vLLM reserves
+    ``generation.gpu_memory_utilization`` of the device, which must cover at least this)."""
+    kv = sequences * (new_tokens + PROMPT_TOKENS) * shape.layers * shape.kv_width * bytes_
+    return bytes_ * shape.total_params + kv
+
+
 def _offload(recipe: Recipe) -> bool:
     import json
 
@@ -120,9 +127,13 @@ def estimate_stages(shape: ModelShape, recipe: Recipe, device: str, stages: list
             out.append(StageEstimate(stage, "cpu", stream / GB, 0.0, 1, "streamed: largest tensor x2 + buffers"))
         elif stage == "rollout":
             r = recipe.rollout
-            kv = r.batch_size * (r.max_new_tokens + PROMPT_TOKENS) * shape.layers * shape.kv_width * bytes_
-            total = bytes_ * shape.total_params + kv + r.batch_size * shape.vocab * 4 + MARGIN[device]
-            out.append(StageEstimate(stage, device, total / GB, 0.0, 1, "teacher weights + KV cache (HF generate)"))
+            total = _engine(shape, bytes_, r.batch_size, r.max_new_tokens) + MARGIN[device]
+            if recipe.generation.engine == "vllm":
+                formula = "vLLM engine: teacher weights + KV cache"
+            else:
+                total += r.batch_size * shape.vocab * 4
+                formula = "teacher weights + KV cache (HF generate)"
+            out.append(StageEstimate(stage, device, total / GB, 0.0, 1, formula))
         elif stage in ("stage1", "stage2"):
             section = recipe.stage1 if stage == "stage1" else recipe.stage2
             dev, host, formula = _train(shape, section, recipe, bytes_, n)
@@ -130,6 +141,10 @@ def estimate_stages(shape: ModelShape, recipe: Recipe, device: str, stages: list
             if needs_teacher and section.trainable != "router":
                 dev += bytes_ * shape.total_params // (n if recipe.distributed.deepspeed else 1)
                 formula += " + frozen teacher"
+            if stage == "stage2" and recipe.generation.engine == "vllm":
+                s2 = recipe.stage2
+                dev += _engine(shape, bytes_, s2.prompts_per_step * s2.samples_per_prompt, s2.max_new_tokens)
+                formula += " + vLLM engine (student weights + KV cache, beside rank 0)"
             out.append(StageEstimate(stage, device, (dev + MARGIN[device]) / GB, host / GB, n, formula))
     return out
 
