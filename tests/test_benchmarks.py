@@ -72,3 +72,17 @@ def test_memory_plan_quick(tmp_path):
     assert check["measured_peak_rss_gb"] >= check["measured_peak_anon_gb"] > 0 and check["estimate_gb"] > 0
     offload = next(r for r in result["estimates"] if "offload, 8" in r["plan"] and r["stage"] == "stage1")
     assert offload["per_process_gb"] < zero3["per_process_gb"] and offload["host_gb"] > zero3["host_gb"] == 0
+
+
+def test_generation_quick(tmp_path):
+    from vllm_harness import vllm_skip_reason
+
+    if vllm_skip_reason():
+        pytest.skip(vllm_skip_reason())
+    result = run_quick("generation.py", tmp_path / "generation.json")
+    for engine in ("hf", "vllm"):
+        rollout, stage2 = result["rollout"][engine], result["stage2"][engine]
+        assert rollout["tokens"] > 0 and rollout["tokens_per_s"] > 0 and rollout["startup_s"] > 0, engine
+        assert stage2["steps"] == 3 and stage2["median_step_s"] > 0, engine
+    assert result["stage2"]["vllm"]["median_sync_s"] > 0 and result["stage2"]["hf"]["median_sync_s"] == 0
+    assert result["rollout_speedup_vllm_over_hf"] > 0 and isinstance(result["goal"]["met"], bool)
