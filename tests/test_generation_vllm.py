@@ -167,3 +167,20 @@ def test_bad_engine_settings_get_one_line(dyn, tmp_path):
     assert proc.returncode == EXIT_EXTERNAL and "no vLLM generation engine answers" in proc.stderr, proc.stderr
     proc = zeda(*args, "--overwrite", *sets(["generation.engine=sglang"]))
     assert proc.returncode == EXIT_BAD_INPUT and "'hf' or 'vllm'" in proc.stderr, proc.stderr[-1000:]
+
+
+def test_zero3_ranks_sample_from_the_engine_and_rank_0_syncs_the_router(dyn, tmp_path):
+    """Two DeepSpeed ZeRO-3 ranks, router-only stage 2: both sample from one engine; rank 0 gathers the partitioned
+    router rows and sends them after each step (the probe after the first sync checks the engine took them)."""
+    out = tmp_path / "s2"
+    zero3 = str(ROOT / "recipes" / "deepspeed" / "zero3.json")
+    overrides = [*VLLM, "stage2.steps=3", "stage2.prompts_per_step=4", "stage2.max_new_tokens=8",
+                 "stage2.micro_batch_size=4", f"distributed.deepspeed={zero3}", "distributed.nproc=2"]  # fmt: skip
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    proc = zeda("distill", "--stage", "2", str(dyn), "--out", str(out), "--recipe", "tiny-demo", *sets(overrides),
+                env=env, timeout=1200)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in metrics] == [1, 2, 3] and all(r["sync_s"] > 0 for r in metrics[:-1])
+    assert read_manifest(out).done and "zeda-vllm active" in (out / "engine.log").read_text()
+    assert not engines_alive(str(out))
