@@ -10,6 +10,8 @@ engine in its own environment (``vllm``: ``zeda_vllm.engine`` in .venv-vllm, dri
 
     python benchmarks/generation.py            # the full comparison (needs .venv-vllm: make install-vllm)
     python benchmarks/generation.py --quick    # a narrow 2-layer slice, 1 batch, 3 stage-2 steps: the CI smoke run
+    python benchmarks/generation.py --quality  # also: the demo recipe end to end with each engine (zeda convert,
+                                               # then zeda eval): time per stage, zero share and held-out NLL rise
 """
 
 from __future__ import annotations
@@ -94,6 +96,27 @@ def stage2_speed(inject: Path, engine: str, args: argparse.Namespace, work: Path
             "final_kl": records[-1]["kl"], "zero_share": records[-1]["zero_share"]}  # fmt: skip
 
 
+def demo_quality(engine: str, work: Path) -> dict[str, Any]:
+    """``zeda convert`` of the bundled model with the demo recipe up to stage 2, then ``zeda eval`` of stage 2."""
+    out = work / f"demo-{engine}"
+    convert = [sys.executable, "-m", "zeda_cli", "convert", str(BUNDLED), "--out", str(out), "--recipe", "tiny-demo",
+               "--to", "stage2", "--set", f"generation.engine={engine}", "--json", "-q"]  # fmt: skip
+    stages, began = {}, time.perf_counter()
+    proc = subprocess.run(convert, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"zeda convert ({engine}) failed: {proc.stderr[-2000:]}")
+    for stage in json.loads(proc.stdout)["stages"]:
+        stages[stage["stage"]] = stage["seconds"]
+    wall = time.perf_counter() - began
+    proc = subprocess.run([sys.executable, "-m", "zeda_cli", "eval", str(out / "stage2"), "--json", "-q"],
+                          capture_output=True, text=True)  # fmt: skip
+    if proc.returncode != 0:
+        raise RuntimeError(f"zeda eval ({engine}) failed: {proc.stderr[-2000:]}")
+    ev = json.loads(proc.stdout)
+    return {"engine": engine, "convert_s": round(wall, 1), "stage_s": stages, "zero_share": ev["zero_share"],
+            "nll_delta_pct": ev["nll_delta_pct"], "expert_flops_ratio": ev["expert_flops_ratio"]}  # fmt: skip
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     shape = replace(E2E_QUICK, vocab=4096) if args.quick else E2EShape()
     work = Path(tempfile.mkdtemp(prefix="zeda-generation-"))
@@ -106,6 +129,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         shutil.rmtree(folder)
         inject = inject_zero_experts(str(BUNDLED), work / "inject", zero=ZeroExpertsSection()).out
         stage2 = {e: stage2_speed(inject, e, args, work) for e in ENGINES}
+        quality = {e: demo_quality(e, work) for e in ENGINES} if args.quality else None
     finally:
         shutil.rmtree(work, ignore_errors=True)
     speedup = rollouts["vllm"]["tokens_per_s"] / rollouts["hf"]["tokens_per_s"]
@@ -113,7 +137,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "slice": asdict(shape) | {"params": shape.param_count()},
             "settings": {"batch": args.batch, "batches": args.batches, "new_tokens": args.new_tokens,
                          "stage2_steps": args.steps},
-            "rollout": rollouts, "stage2": stage2,
+            "rollout": rollouts, "stage2": stage2, "demo_quality": quality,
             "rollout_speedup_vllm_over_hf": round(speedup, 2),
             "goal": {"target": "vllm >= 3x hf rollout tokens/s", "met": speedup >= 3.0}}  # fmt: skip
 
@@ -128,6 +152,13 @@ def show(result: dict[str, Any]) -> None:
     print_table("Stage 2 on the bundled model (tiny-demo, router-only)",
                 ["engine", "median step s", "median sync s", "steps", "wall s (with start-up)"],
                 [(e, *(s[e][k] for k in columns)) for e in ENGINES])  # fmt: skip
+    if result["demo_quality"]:
+        q = result["demo_quality"]
+        stages = ("rollout", "stage1", "stage2")
+        print_table("The demo recipe end to end (zeda convert --to stage2, then zeda eval)",
+                    ["engine", "zero share", "NLL rise %", *(f"{x} s" for x in stages), "convert s"],
+                    [(e, q[e]["zero_share"], q[e]["nll_delta_pct"], *(q[e]["stage_s"].get(x) for x in stages),
+                      q[e]["convert_s"]) for e in ENGINES])  # fmt: skip
     print(f"vllm / hf rollout throughput: {result['rollout_speedup_vllm_over_hf']}x "
           f"(goal >= 3x: {'met' if result['goal']['met'] else 'not met'})")  # fmt: skip
 
@@ -139,6 +170,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batches", type=int, default=None, help="timed rollout batches (default 2; quick 1)")
     parser.add_argument("--new-tokens", type=int, default=None, help="default 128; quick 16")
     parser.add_argument("--steps", type=int, default=None, help="stage-2 steps per engine (default 20; quick 3)")
+    parser.add_argument("--quality", action="store_true", help="also convert + eval the demo recipe per engine")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     args.batches = args.batches or (1 if args.quick else 2)
