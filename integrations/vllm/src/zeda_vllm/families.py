@@ -22,6 +22,7 @@ class Family:
     weights_in_logits_dtype: bool = True  # softmax routers cast the top-k weights back to the logits dtype
     shared_experts: tuple[str, ...] = ()  # children of the block whose output is added for every token
     block_names: tuple[str, ...] = ("mlp",)  # the block's attribute name in a decoder layer (checkpoint and vLLM)
+    mla: bool = False  # multi-head latent attention (DeepSeek-style)
 
     @property
     def dynamic_model_type(self) -> str:
@@ -94,6 +95,7 @@ GLM4_MOE_LITE = Family(
     vllm_module="glm4_moe_lite",
     vllm_model="Glm4MoeLiteForCausalLM",
     vllm_block="Glm4MoeLite",
+    mla=True,
     **_SIGMOID,
 )
 GLM4_MOE = Family(
@@ -112,6 +114,7 @@ DEEPSEEK_V3 = Family(
     vllm_module="deepseek_v2",
     vllm_model="DeepseekV3ForCausalLM",
     vllm_block="DeepseekV2MoE",
+    mla=True,
     **_SIGMOID,
 )
 

@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 import torch
 from vllm.logger import init_logger
 
-from .checks import check_serving_setup
+from .checks import check_serving_setup, cpu_mla_rope_warning
 from .families import Family
 from .moe import ZeroExpertMoE, make_dynamic
 from .spec import ZeroExpertSpec
@@ -41,6 +41,11 @@ class ZeroExpertCausalLM:
             spec.describe(),
             kernel,
         )
+        from vllm.platforms import current_platform
+
+        custom_ops = list(vllm_config.compilation_config.custom_ops or [])
+        if warning := cpu_mla_rope_warning(family, current_platform.is_cpu(), custom_ops):
+            logger.warning(warning)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         check = RouterTensorCheck(self.zeda_family, self.zeda_spec, (b.layer_index for b in self.zeda_blocks))
@@ -52,6 +57,16 @@ class ZeroExpertCausalLM:
 def routing_stats(model: Any) -> list[dict[str, Any]]:
     """Per-layer routing counters of a dynamic model (e.g. through ``LLM.apply_model(routing_stats)``)."""
     return [{"layer": b.layer_name, **b.stats.as_dict()} for b in getattr(model, "zeda_blocks", [])]
+
+
+def set_zero_expert_bias(model: Any, bias: float) -> int:
+    """Runtime speed/quality dial, as in zeda's runtime: shift every zero-expert logit by ``bias`` (0 = as trained;
+    ignored while ``use_zce_mask`` is on). E.g. ``llm.apply_model(functools.partial(set_zero_expert_bias, bias=-1))``.
+    Returns the number of routers changed."""
+    blocks = getattr(model, "zeda_blocks", [])
+    for block in blocks:
+        block.gate.set_zero_expert_bias(bias)
+    return len(blocks)
 
 
 def reset_routing_stats(model: Any) -> int:

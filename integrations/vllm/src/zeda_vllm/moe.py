@@ -13,7 +13,7 @@ from torch import nn
 from .checks import check_experts_kernel
 from .errors import ZedaVllmError
 from .families import Family
-from .routing import select_experts
+from .routing import logits_dtype, select_experts, zero_expert_shift
 from .skip import RoutingStats, skip_zero_experts
 from .spec import ZeroExpertSpec
 
@@ -21,7 +21,9 @@ _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 class ZeroExpertGate(nn.Module):
-    """The router: ``weight`` [N+Z, H] (+ ``e_score_correction_bias`` [N+Z] for sigmoid families), as on disk."""
+    """The router: ``weight`` [N+Z, H] (+ ``e_score_correction_bias`` [N+Z] for sigmoid families), as on disk, and
+    the ``zero_expert_shift`` buffer holding the runtime dial ``zero_expert_bias`` (read at run time, also when
+    compiled, so :func:`set_zero_expert_bias` takes effect without a restart)."""
 
     def __init__(self, hidden_size: int, spec: ZeroExpertSpec, dtype: torch.dtype):
         super().__init__()
@@ -32,9 +34,14 @@ class ZeroExpertGate(nn.Module):
         self.e_score_correction_bias = None
         if spec.correction_bias:
             self.e_score_correction_bias = nn.Parameter(torch.zeros(spec.total_experts, dtype=torch.float32), False)
+        shift = zero_expert_shift(spec, logits_dtype(spec, weight_dtype))
+        self.register_buffer("zero_expert_shift", shift, persistent=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return select_experts(x, self.weight, self.e_score_correction_bias, self.spec)
+        return select_experts(x, self.weight, self.zero_expert_shift, self.e_score_correction_bias, self.spec)
+
+    def set_zero_expert_bias(self, bias: float) -> None:
+        self.zero_expert_shift[self.spec.num_experts :] = bias
 
     def extra_repr(self) -> str:
         return self.spec.describe()
@@ -58,9 +65,9 @@ class ZeroExpertMoE(nn.Module):
         self.spec = spec
         self.layer_name = runner.layer_name.removesuffix(".experts")
         self.stats = RoutingStats()
-        hidden = runner.moe_config.hidden_dim
+        gate = ZeroExpertGate(runner.moe_config.hidden_dim, spec, vllm_config.model_config.dtype)
         for name, child in stock.named_children():
-            setattr(self, name, ZeroExpertGate(hidden, spec, vllm_config.model_config.dtype) if name == "gate" else child)
+            setattr(self, name, gate if name == "gate" else child)
         if getattr(runner, "gate", None) is not None:
             runner.gate = self.gate  # one router object; the runner's own forward is never called
         self._shared = tuple(getattr(self, n) for n in family.shared_experts if getattr(self, n, None) is not None)

@@ -8,8 +8,9 @@ Same operations in the same order and dtypes, so that a folder routes identicall
   to the best ``topk_group`` of ``n_group`` groups, the rest filled with -inf), weights = the *unbiased* scores of the
   chosen, divided by their sum + 1e-20 (zero slots included), times ``routed_scaling_factor``.
 
-``zero_expert_bias`` is added to the zero-expert logits; with ``mask`` only the N real rows are scored (exactly the
-static router). Ids >= N are zero experts.
+``zero_expert_bias`` is added to the zero-expert logits through a shift vector (0 on the N real rows), which adds
+exact zeros where zeda adds nothing; with ``mask`` only the N real rows are scored (exactly the static router).
+Ids >= N are zero experts.
 """
 
 from __future__ import annotations
@@ -20,17 +21,24 @@ import torch.nn.functional as F
 from .spec import ZeroExpertSpec
 
 
-def router_logits(x: torch.Tensor, weight: torch.Tensor, spec: ZeroExpertSpec) -> torch.Tensor:
+def logits_dtype(spec: ZeroExpertSpec, weight_dtype: torch.dtype) -> torch.dtype:
+    return weight_dtype if spec.scoring == "softmax" else torch.float32
+
+
+def zero_expert_shift(spec: ZeroExpertSpec, dtype: torch.dtype, device: torch.device | None = None) -> torch.Tensor:
+    """[N+Z] vector added to the logits: 0 on real experts, ``zero_expert_bias`` on zero experts."""
+    shift = torch.zeros(spec.total_experts, dtype=dtype, device=device)
+    shift[spec.num_experts :] = spec.zero_expert_bias
+    return shift
+
+
+def router_logits(x: torch.Tensor, weight: torch.Tensor, shift: torch.Tensor, spec: ZeroExpertSpec) -> torch.Tensor:
     rows = spec.num_experts if spec.mask else spec.total_experts
     if spec.scoring == "softmax":
         logits = F.linear(x.to(weight.dtype), weight[:rows])
     else:
         logits = F.linear(x.float(), weight[:rows].float())
-    if spec.zero_expert_bias and not spec.mask:
-        shift = torch.zeros(rows, dtype=logits.dtype, device=logits.device)
-        shift[spec.num_experts :] = spec.zero_expert_bias
-        logits = logits + shift
-    return logits
+    return logits + shift[:rows]
 
 
 def softmax_topk(logits: torch.Tensor, spec: ZeroExpertSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,10 +72,14 @@ def sigmoid_topk(
 
 
 def select_experts(
-    x: torch.Tensor, weight: torch.Tensor, correction_bias: torch.Tensor | None, spec: ZeroExpertSpec
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    shift: torch.Tensor,
+    correction_bias: torch.Tensor | None,
+    spec: ZeroExpertSpec,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(top-K weights, top-K ids) of every token in ``x`` [T, H]; ids >= N are zero experts."""
-    logits = router_logits(x, weight, spec)
+    logits = router_logits(x, weight, shift, spec)
     if spec.scoring == "softmax":
         return softmax_topk(logits, spec)
     assert correction_bias is not None

@@ -75,5 +75,5 @@ def routed_experts(
 
 
 @routed_experts.register_fake
-def _(hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, layer_name: str) -> torch.Tensor:
+def _(hidden_states: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, layer_name: str) -> torch.Tensor:
     return torch.empty_like(hidden_states)

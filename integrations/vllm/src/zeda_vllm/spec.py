@@ -13,7 +13,14 @@ from typing import Any
 from .errors import ZedaVllmError
 from .families import Family
 
-_ZEDA_ROUTER_KEYS = ("scoring", "normalize", "weights_in_logits_dtype", "routed_scaling_factor", "n_group", "topk_group")
+_ZEDA_ROUTER_KEYS = (
+    "scoring",
+    "normalize",
+    "weights_in_logits_dtype",
+    "routed_scaling_factor",
+    "n_group",
+    "topk_group",
+)
 
 
 @dataclass(frozen=True)
@@ -82,7 +89,7 @@ class ZeroExpertSpec:
                 f"group-limited routing with n_group={self.n_group}, topk_group={self.topk_group} over "
                 f"N+Z={self.total_experts} router rows",
                 expected="N+Z divisible by n_group and topk_group <= n_group",
-                fix="inject a number of zero experts that keeps N+Z divisible by n_group (zeda inject-zero-experts -z)",
+                fix="inject a zero-expert count that keeps N+Z divisible by n_group (zeda inject-zero-experts -z Z)",
             )
 
 
@@ -93,7 +100,7 @@ def _num_zero_experts(config: Any, family: Family) -> int:
         raise ZedaVllmError(
             f"zce_types {types} in config.json of a {family.architecture} folder",
             expected='zce_types ["zero"] (parameter-free zero-output experts, the ZEDA method)',
-            fix='copy/constant experts (MoE++) are not served by zeda-vllm; for ZEDA folders set "zce_types": ["zero"]',
+            fix='copy/constant experts (MoE++) are not served by zeda-vllm; a ZEDA folder has "zce_types": ["zero"]',
         )
     nums = getattr(config, "zce_nums", None)
     try:
