@@ -26,9 +26,9 @@ TINY_PROMPTS = [[5, 10, 20, 30, 42, 7, 9, 50, 20, 33, 61, 12], [17, 18, 19, 60, 
 EXTRA_FAMILIES = ["qwen2_moe", "mixtral", "olmoe", "glm4_moe", "deepseek_v3"]  # beyond Qwen3-MoE and GLM-4.7-Flash
 
 
-# The shipped demo recipe with smaller budgets (64 prompts, 64-token rollouts, 16 stage-1 steps, 20 stage-2 steps):
+# The shipped demo recipe with smaller budgets (64 prompts, 64-token rollouts, 16 stage-1 steps, 4 stage-2 steps):
 # the same pipeline and settings that distil the bundled model to ~50% zero slots, in about a quarter of the time.
-DEMO_OVERRIDES = ["data.max_prompts=64", "rollout.max_new_tokens=64", "stage1.epochs=4", "stage2.steps=20"]
+DEMO_OVERRIDES = ["data.max_prompts=64", "rollout.max_new_tokens=64", "stage1.epochs=4", "stage2.steps=4"]
 
 
 @pytest.fixture(scope="session")

@@ -126,7 +126,7 @@ def run_jobs(jobs: list[Job], workdir: Path, timeout: float = 1800) -> dict[str,
 
 @dataclass
 class Reference:
-    """zeda's runtime (transformers, fp32) on what vLLM processed: the prompts, then its own greedy tokens."""
+    """zeda's runtime (transformers, fp32) on what vLLM processed: the prompts, then vLLM's greedy tokens."""
 
     prompt_logprobs: list[list[float]]
     greedy: list[list[int]]
@@ -153,13 +153,12 @@ def reference(folder: Path | str, prompts: list[list[int]], continuations: list[
                     counts[1] += top.numel()
             else:
                 logits = model(full).logits[0]
-            greedy = model.generate(
-                torch.tensor([ids]), max_new_tokens=len(cont), min_new_tokens=len(cont), do_sample=False
-            )
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         ref.prompt_logprobs.append([float(logprobs[i, ids[i + 1]]) for i in range(len(ids) - 1)])
         ref.token_logprobs.append([float(logprobs[len(ids) - 1 + i, t]) for i, t in enumerate(cont)])
-        ref.greedy.append(greedy[0, len(ids) :].tolist())
+        # The reference's greedy token after each prefix vLLM saw: equal to ``cont`` everywhere exactly when greedy
+        # decoding with zeda's model produces ``cont`` (EOS included: vLLM ran with ignore_eos).
+        ref.greedy.append(logits[len(ids) - 1 :].argmax(dim=-1).tolist())
     ref.real_pairs = [c[0] for c in per_layer.values()]
     ref.slots = [c[1] for c in per_layer.values()]
     return ref

@@ -35,7 +35,9 @@ def _generate(llm: Any, job: dict[str, Any]) -> dict[str, Any]:
     from zeda_vllm.model import reset_routing_stats, routing_stats
 
     llm.apply_model(reset_routing_stats)  # start-up profiling and earlier runs don't count
-    params = SamplingParams(temperature=0.0, max_tokens=job["max_tokens"], prompt_logprobs=0, logprobs=0)
+    params = SamplingParams(
+        temperature=0.0, max_tokens=job["max_tokens"], ignore_eos=True, prompt_logprobs=0, logprobs=0
+    )
     prompts = [TokensPrompt(prompt_token_ids=ids) for ids in job["prompts"]]
     outputs = llm.generate(prompts, params, use_tqdm=False)
     result: dict[str, Any] = {"prompt_logprobs": [], "tokens": [], "token_logprobs": []}

@@ -71,7 +71,6 @@ class ZeroExpertMoE(nn.Module):
         if getattr(runner, "gate", None) is not None:
             runner.gate = self.gate  # one router object; the runner's own forward is never called
         self._shared = tuple(getattr(self, n) for n in family.shared_experts if getattr(self, n, None) is not None)
-        self._kernel_ids_dtype = torch.int32
         registry = vllm_config.compilation_config.static_forward_context
         if self.layer_name in registry:
             raise ValueError(f"duplicate layer name {self.layer_name}")
@@ -95,9 +94,8 @@ class ZeroExpertMoE(nn.Module):
         return skip_zero_experts(x, weights, ids, self.spec.num_experts, self._kernel, self.stats)
 
     def _kernel(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        out = self.experts.routed_experts.forward_modular(
-            x=x, topk_weights=weights.float(), topk_ids=ids.to(self._kernel_ids_dtype)
-        )
+        # the dtypes vLLM's own routers hand the kernels: fp32 weights, int32 ids
+        out = self.experts.routed_experts.forward_modular(x=x, topk_weights=weights.float(), topk_ids=ids.int())
         assert isinstance(out, torch.Tensor), type(out)
         return out
 

@@ -55,11 +55,11 @@ def skip_zero_experts(
     stats.slots += ids.numel()
     stats.zero_slots += ids.numel() - pairs
     stats.kernel_pairs += pairs
+    out = torch.zeros_like(x)
+    if pairs == 0:  # every slot on a zero expert (or no tokens at all): no kernel call
+        return out
     if pairs == ids.numel():
         return kernel(x, weights, ids)
-    out = torch.zeros_like(x)
-    if pairs == 0:
-        return out
     pair_out = kernel(x[token_idx], weights[token_idx, slot_idx].unsqueeze(1), ids[token_idx, slot_idx].unsqueeze(1))
     return out.index_add_(0, token_idx, pair_out.to(out.dtype))
 
