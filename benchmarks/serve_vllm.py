@@ -37,9 +37,8 @@ from typing import Any
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engines in this process: routing stats readable
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# vLLM-CPU binds its OpenMP threads to all cores but one, kept for a separate scheduler process; with the engine
-# in this process that core would idle, so bind to every core.
-os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{(os.cpu_count() or 1) - 1}")
+# vLLM-CPU's default thread binding is kept: all cores but one for the OpenMP compute threads (one on a 2-core
+# machine), one for the scheduler. Set VLLM_CPU_OMP_THREADS_BIND to override (recorded in the JSON).
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -348,7 +347,8 @@ def machine(args: argparse.Namespace) -> dict[str, Any]:
         "load_average": os.getloadavg(),
         "dtype": args.dtype,
         "compiled": not args.enforce_eager,
-        "omp_threads_bind": os.environ["VLLM_CPU_OMP_THREADS_BIND"],
+        "omp_threads_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto"),
+        "torch_threads": torch.get_num_threads(),
     }
 
 

@@ -9,36 +9,37 @@ from typing import Any
 
 import torch
 from torch import nn
+from vllm.model_executor.layers.linear import ReplicatedLinear
 
 from .checks import check_experts_kernel
 from .errors import ZedaVllmError
 from .families import Family
-from .routing import logits_dtype, select_experts, zero_expert_shift
+from .routing import select_experts, zero_expert_shift
 from .skip import RoutingStats, skip_zero_experts
 from .spec import ZeroExpertSpec
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
-class ZeroExpertGate(nn.Module):
-    """The router: ``weight`` [N+Z, H] (+ ``e_score_correction_bias`` [N+Z] for sigmoid families), as on disk, and
-    the ``zero_expert_shift`` buffer holding the runtime dial ``zero_expert_bias`` (read at run time, also when
-    compiled, so :func:`set_zero_expert_bias` takes effect without a restart)."""
+class ZeroExpertGate(ReplicatedLinear):
+    """The router: vLLM's replicated linear layer (its weight loading and CPU/GPU GEMM dispatch) with N+Z outputs,
+    ``weight`` [N+Z, H] and, for sigmoid families, ``e_score_correction_bias`` [N+Z], named as on disk; plus the
+    ``zero_expert_shift`` buffer holding the runtime dial ``zero_expert_bias`` (read at run time, also when compiled,
+    so :func:`~zeda_vllm.model.set_zero_expert_bias` takes effect without a restart)."""
 
-    def __init__(self, hidden_size: int, spec: ZeroExpertSpec, dtype: torch.dtype):
-        super().__init__()
-        self.spec = spec
+    def __init__(self, hidden_size: int, spec: ZeroExpertSpec, dtype: torch.dtype, prefix: str):
         # Sigmoid routers score in fp32 (as transformers keeps them); softmax routers in the model dtype.
-        weight_dtype = torch.float32 if spec.scoring == "sigmoid" else dtype
-        self.weight = nn.Parameter(torch.empty(spec.total_experts, hidden_size, dtype=weight_dtype), False)
+        logits_dtype = torch.float32 if spec.scoring == "sigmoid" else dtype
+        super().__init__(hidden_size, spec.total_experts, bias=False, params_dtype=logits_dtype, prefix=prefix)
+        self.spec = spec
         self.e_score_correction_bias = None
         if spec.correction_bias:
             self.e_score_correction_bias = nn.Parameter(torch.zeros(spec.total_experts, dtype=torch.float32), False)
-        shift = zero_expert_shift(spec, logits_dtype(spec, weight_dtype))
-        self.register_buffer("zero_expert_shift", shift, persistent=False)
+        self.register_buffer("zero_expert_shift", zero_expert_shift(spec, logits_dtype), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return select_experts(x, self.weight, self.zero_expert_shift, self.e_score_correction_bias, self.spec)
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        logits, _ = super().forward(x.float() if self.spec.scoring == "sigmoid" else x)
+        return select_experts(logits, self.zero_expert_shift, self.e_score_correction_bias, self.spec)
 
     def set_zero_expert_bias(self, bias: float) -> None:
         self.zero_expert_shift[self.spec.num_experts :] = bias
@@ -63,9 +64,10 @@ class ZeroExpertMoE(nn.Module):
                 fix="use the vLLM version zeda-vllm was tested with, or report the vLLM version to zeda",
             )
         self.spec = spec
-        self.layer_name = runner.layer_name.removesuffix(".experts")
         self.stats = RoutingStats()
-        gate = ZeroExpertGate(runner.moe_config.hidden_dim, spec, vllm_config.model_config.dtype)
+        self.layer_name = runner.layer_name.removesuffix(".experts")
+        dtype = vllm_config.model_config.dtype
+        gate = ZeroExpertGate(runner.moe_config.hidden_dim, spec, dtype, prefix=f"{self.layer_name}.gate")
         for name, child in stock.named_children():
             setattr(self, name, gate if name == "gate" else child)
         if getattr(runner, "gate", None) is not None:

@@ -1,6 +1,7 @@
 """ZEDA routing over N real + Z zero experts, as zeda's runtime computes it (``zeda_dynamic_moe.ZeroExpertRouter``).
 
-Same operations in the same order and dtypes, so that a folder routes identically under vLLM and under zeda:
+Same operations in the same order and dtypes, so that a folder routes identically under vLLM and under zeda (the
+logits themselves come from vLLM's linear layer, the same product as zeda's ``F.linear`` up to GEMM rounding):
 
 * softmax families: logits in the router's dtype, fp32 softmax over the N+Z logits, top-K, optional division by the
   sum of the K chosen weights (zero slots included), weights cast back to the logits dtype where the family does so;
@@ -9,7 +10,7 @@ Same operations in the same order and dtypes, so that a folder routes identicall
   chosen, divided by their sum + 1e-20 (zero slots included), times ``routed_scaling_factor``.
 
 ``zero_expert_bias`` is added to the zero-expert logits through a shift vector (0 on the N real rows), which adds
-exact zeros where zeda adds nothing; with ``mask`` only the N real rows are scored (exactly the static router).
+exact zeros where zeda adds nothing; with ``mask`` only the N real columns are used (exactly the static router).
 Ids >= N are zero experts.
 """
 
@@ -21,24 +22,11 @@ import torch.nn.functional as F
 from .spec import ZeroExpertSpec
 
 
-def logits_dtype(spec: ZeroExpertSpec, weight_dtype: torch.dtype) -> torch.dtype:
-    return weight_dtype if spec.scoring == "softmax" else torch.float32
-
-
 def zero_expert_shift(spec: ZeroExpertSpec, dtype: torch.dtype, device: torch.device | None = None) -> torch.Tensor:
     """[N+Z] vector added to the logits: 0 on real experts, ``zero_expert_bias`` on zero experts."""
     shift = torch.zeros(spec.total_experts, dtype=dtype, device=device)
     shift[spec.num_experts :] = spec.zero_expert_bias
     return shift
-
-
-def router_logits(x: torch.Tensor, weight: torch.Tensor, shift: torch.Tensor, spec: ZeroExpertSpec) -> torch.Tensor:
-    rows = spec.num_experts if spec.mask else spec.total_experts
-    if spec.scoring == "softmax":
-        logits = F.linear(x.to(weight.dtype), weight[:rows])
-    else:
-        logits = F.linear(x.float(), weight[:rows].float())
-    return logits + shift[:rows]
 
 
 def softmax_topk(logits: torch.Tensor, spec: ZeroExpertSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,14 +60,12 @@ def sigmoid_topk(
 
 
 def select_experts(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    shift: torch.Tensor,
-    correction_bias: torch.Tensor | None,
-    spec: ZeroExpertSpec,
+    logits: torch.Tensor, shift: torch.Tensor, correction_bias: torch.Tensor | None, spec: ZeroExpertSpec
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(top-K weights, top-K ids) of every token in ``x`` [T, H]; ids >= N are zero experts."""
-    logits = router_logits(x, weight, shift, spec)
+    """(top-K weights, top-K ids) from the router logits [T, N+Z] (softmax families: in the router's dtype; sigmoid
+    families: fp32); ids >= N are zero experts. Masked, only the N real columns are used."""
+    rows = spec.num_experts if spec.mask else spec.total_experts
+    logits = logits[:, :rows] + shift[:rows]
     if spec.scoring == "softmax":
         return softmax_topk(logits, spec)
     assert correction_bias is not None
