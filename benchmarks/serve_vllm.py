@@ -37,8 +37,10 @@ from typing import Any
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engines in this process: routing stats readable
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# vLLM-CPU's default thread binding is kept: all cores but one for the OpenMP compute threads (one on a 2-core
-# machine), one for the scheduler. Set VLLM_CPU_OMP_THREADS_BIND to override (recorded in the JSON).
+# vLLM-CPU serves with one compute thread per core but one (one on a 2-core machine: "Reducing Torch threads from 2
+# to 1 for serving"), but its in-process engine leaves this process's pool at every core; on a shared machine each
+# small parallel op then waits milliseconds for the second thread. Match the served default (recorded in the JSON).
+os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) - 1)))
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

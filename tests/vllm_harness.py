@@ -115,7 +115,9 @@ def run_jobs(jobs: list[Job], workdir: Path, timeout: float = 1800) -> dict[str,
     """All jobs in one .venv-vllm process (vLLM imported once); results by job name."""
     spec, out, log = workdir / "jobs.json", workdir / "results.json", workdir / "vllm.log"
     spec.write_text(json.dumps({"jobs": [asdict(j) for j in jobs]}))
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    # one compute thread, as vLLM serves on a 2-core machine (the in-process engine would keep two, and on a shared
+    # machine every small parallel op then waits for the second)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     with log.open("w") as f:
         proc = subprocess.run([str(VLLM_PYTHON), str(RUNNER), str(spec), str(out)], stdout=f, stderr=subprocess.STDOUT,
                               env=env, cwd=ROOT, timeout=timeout)  # fmt: skip

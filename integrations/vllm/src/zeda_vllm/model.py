@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 
 import torch
 from vllm.logger import init_logger
+from vllm.platforms import current_platform
 
 from .checks import check_serving_setup, cpu_mla_rope_warning
 from .families import Family
@@ -41,8 +42,6 @@ class ZeroExpertCausalLM:
             spec.describe(),
             kernel,
         )
-        from vllm.platforms import current_platform
-
         custom_ops = list(vllm_config.compilation_config.custom_ops or [])
         if warning := cpu_mla_rope_warning(family, current_platform.is_cpu(), custom_ops):
             logger.warning(warning)
@@ -70,6 +69,7 @@ def set_zero_expert_bias(model: Any, bias: float) -> int:
 
 
 def reset_routing_stats(model: Any) -> int:
+    """Zero the per-layer counters (e.g. after vLLM's start-up warm-up runs); returns the number of layers."""
     blocks = getattr(model, "zeda_blocks", [])
     for block in blocks:
         block.stats.reset()
