@@ -14,6 +14,7 @@ time of prompt + 1 token, same prompts). Figures are medians; the speed-up is th
 Wall time and process CPU time are both kept (on a shared machine CPU time is far less disturbed).
 
     .venv-vllm/bin/python benchmarks/serve_vllm.py            # full run (bf16, torch.compile), ~15 min on 2 cores
+                                                              # (needs ~18 GB RAM: both engines are loaded at once)
     .venv-vllm/bin/python benchmarks/serve_vllm.py --quick    # tiny shapes, eager, ~1-2 min (exercised by the tests)
 """
 
@@ -335,6 +336,12 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
     }
 
 
+def _goal(r: dict[str, Any], target: float) -> dict[str, Any]:
+    # CPU time is the work done by this (single compute thread) process: far less disturbed than wall time by the
+    # other jobs of a shared machine, so both are judged.
+    return {"speedup_at_least": target, "met_wall": r["speedup"] >= target, "met_cpu_time": r["cpu_speedup"] >= target}
+
+
 def machine(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     import vllm
@@ -371,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=None, help="decode batch (default 16)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--share", type=float, default=0.5, help="target zero-expert share")
-    parser.add_argument("--repeats", type=int, default=None, help="timed rounds per workload (default 5, quick 2)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds per workload (default 7, quick 2)")
     parser.add_argument("--enforce-eager", action="store_true", help="no torch.compile (default: vLLM's default)")
     parser.add_argument("--workdir", default="/tmp/zeda-serve-vllm", help="where the model folders are written")
     parser.add_argument("--seed", type=int, default=0)
@@ -379,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.enforce_eager = True
         args.workdir = args.workdir.rstrip("/") + "-quick"
-    args.repeats = args.repeats or (2 if args.quick else 5)
+    args.repeats = args.repeats or (2 if args.quick else 7)
     out = args.out or RESULTS / f"serve-vllm-cpu{'-quick' if args.quick else ''}.json"
 
     def log(msg: str) -> None:
@@ -394,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(args),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         **result,
-        "goals": {k: {"speedup_at_least": v, "met": result["results"][k]["speedup"] >= v} for k, v in goals.items()},
+        "goals": {k: _goal(result["results"][k], v) for k, v in goals.items()},
         "seconds": time.perf_counter() - began,
     }
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -36,6 +36,7 @@ def test_quick_run_reports_every_workload_for_both_engines(quick):
         numbers = [r["static_tokens_per_s"], r["dynamic_tokens_per_s"], r["speedup"], r["cpu_speedup"]]
         assert all(math.isfinite(x) and x > 0 for x in numbers), (name, numbers)
     assert set(report["goals"]) == {"prefill", f"decode_batch{batch}"}
+    assert all({"met_wall", "met_cpu_time"} <= set(g) for g in report["goals"].values())
 
 
 def test_the_dial_sets_about_half_of_the_slots_to_zero_experts(quick):
