@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Serving speed in vLLM, static against ZEDA dynamic with the same weights (runs in .venv-vllm: vLLM + zeda-vllm).
 
-The model is a few-layer, full-width slice of Qwen3-30B-A3B (the shapes of ``zeda_cli.skeleton``, as
+The model is a few-layer, full-width slice of Qwen3-30B-A3B (the shapes of ``zeda_cli.io.skeleton``, as
 ``benchmarks/speed_e2e.py`` uses), random weights written as real safetensors folders:
 
 * ``static/``: a stock ``Qwen3MoeForCausalLM`` folder, served by stock vLLM;
@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT / "src"))
 
-from zeda_cli.skeleton import QWEN3_30B_A3B as QWEN3  # noqa: E402  (the published config: the real shapes)
+from zeda_cli.io.skeleton import QWEN3_30B_A3B as QWEN3  # noqa: E402  (the published config: the real shapes)
 
 INIT_STD = 0.02  # as benchmarks/speed_block.py
 

@@ -63,10 +63,11 @@ def _wait_healthy(proc: subprocess.Popen, port: int, log: Path, timeout: float =
 
 @pytest.fixture(scope="module")
 def gaussian(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from zeda_cli.zero_experts import InjectSettings, inject_zero_experts
+    from zeda_cli.inject import inject_zero_experts
+    from zeda_cli.recipes import ZeroExpertsSection
 
     out = tmp_path_factory.mktemp("serve") / "model"
-    inject_zero_experts(str(vh.ROOT / "models" / "pystdlib-moe"), out, InjectSettings())
+    inject_zero_experts(str(vh.ROOT / "models" / "pystdlib-moe"), out, zero=ZeroExpertsSection())
     return out
 
 

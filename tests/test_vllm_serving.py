@@ -52,19 +52,20 @@ def bundled_prompts() -> list[list[int]]:
 @pytest.fixture(scope="session")
 def folders(tmp_path_factory: pytest.TempPathFactory, demo_export: Path) -> dict[str, Path]:
     """Every folder served, by case name."""
-    from zeda_cli.zero_experts import InjectSettings, inject_zero_experts
+    from zeda_cli.inject import inject_zero_experts
+    from zeda_cli.recipes import ZeroExpertsSection
 
     root = tmp_path_factory.mktemp("vllm-folders")
     out: dict[str, Path] = {"static": BUNDLED, "demo": demo_export}
     for init in ("gaussian", "masked"):
-        inject_zero_experts(str(BUNDLED), root / init, InjectSettings(init=init))
+        inject_zero_experts(str(BUNDLED), root / init, zero=ZeroExpertsSection(init=init))
         out[init] = root / init
     out["bias"] = vh.edit_config(out["gaussian"], root / "bias", zero_expert_bias=1.0)
     out["official"] = vh.official_format(out["gaussian"], root / "official")
     out["official_default_mask"] = vh.official_format(out["gaussian"], root / "official-nomask", use_zce_mask=None)
     for name in ["glm4_moe_lite", *EXTRA_FAMILIES]:
         static = vh.save_serving_tiny(name, root / f"{name}-static")
-        inject_zero_experts(str(static), root / name, InjectSettings(init="gaussian"))
+        inject_zero_experts(str(static), root / name, zero=ZeroExpertsSection(init="gaussian"))
         out[name] = root / name
     out["glm_official"] = vh.official_format(out["glm4_moe_lite"], root / "glm-official")
     # bad inputs
