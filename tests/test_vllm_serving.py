@@ -158,6 +158,7 @@ def test_masked_folder_serves_the_static_model_exactly_like_stock_vllm(served, p
     assert masked["tokens"] == static["tokens"]
     diff = max(abs(a - b) for x, y in zip(masked["prompt_logprobs"], static["prompt_logprobs"], strict=True)
                for a, b in zip(x, y, strict=True))  # fmt: skip
+    print(f"masked folder vs the static model in stock vLLM: max abs prompt log-prob diff {diff:.2e}")
     assert diff <= 1e-5, diff
     # the official default (no use_zce_mask key) is masked too
     assert served["official_default_mask"]["tokens"] == static["tokens"]
@@ -189,9 +190,9 @@ def test_bad_folders_fail_with_one_clear_line(case, needles, served):
 
 
 def test_every_case_reports_its_startup_and_run_time(served):
-    timed = {k: (round(v["startup_s"], 1), round(v["run_s"], 1)) for k, v in served.items() if "error" not in v}
-    print("vLLM start-up / run seconds:", timed)
-    assert all(s > 0 and r > 0 for s, r in timed.values())
+    timed = {k: (v["startup_s"], v["run_s"]) for k, v in served.items() if "error" not in v}
+    print("vLLM start-up / run seconds:", {k: (round(s, 2), round(r, 2)) for k, (s, r) in timed.items()})
+    assert all(s > 0 and r > 0 for s, r in timed.values())  # unrounded: a tiny model's run takes a few ms
 
 
 def test_tiny_prompts_fit_every_tiny_vocabulary():
