@@ -201,7 +201,8 @@ def test_stock_export_loads_in_the_original_class_with_the_dynamic_logits(name, 
     assert zero_experts and all(not tensors[k].any() for k in zero_experts)
     assert len(tensors) == len(source) + len(zero_experts)
     assert all(torch.equal(tensors[k], t) for k, t in source.items())
-    assert "saves no compute" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "saves no compute" in card and "vllm" not in card.lower()  # stock vLLM serves it as the base model
 
 
 def test_stock_export_widens_fused_expert_tensors(tiny_dynamic, tmp_path):
@@ -310,6 +311,12 @@ def test_card_front_matter_and_body(distilled, tmp_path):
         "trust_remote_code=True",
         "zeda_cli.load_model(path)",
         "zero_expert_bias",
+        "## Serving with vLLM",  # the zeda-vllm plugin, as in zeda's README
+        "pip install vllm ./integrations/vllm",
+        "vllm serve path/or/hub-id-of-this-model --enforce-eager",
+        "/v1/completions",
+        'LLM(model="path/or/hub-id-of-this-model", enforce_eager=True)',
+        "zeda-vllm active",
         "arXiv 2605.18643",
         "Post-Trained MoE Can Skip Half Experts via Self-Distillation",
         "Lv, Xingtai",

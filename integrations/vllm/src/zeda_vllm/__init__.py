@@ -1,0 +1,27 @@
+"""zeda-vllm: serve ZEDA dynamic MoE checkpoints (zeda exports and the official release) in vLLM, zero-expert slots
+skipped before the fused-MoE kernel. Loaded by vLLM through the ``vllm.general_plugins`` entry point ``zeda``.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+
+def register() -> None:
+    """Register every family's dynamic architecture and config type with vLLM and transformers (idempotent)."""
+    from transformers import AutoConfig
+    from vllm import ModelRegistry
+    from vllm.logger import init_logger
+
+    from . import configs
+    from .families import FAMILIES
+
+    for family in FAMILIES:
+        AutoConfig.register(family.dynamic_model_type, getattr(configs, family.config_class_name), exist_ok=True)
+        # Lazy "module:Class": the model modules import vLLM's model code only in the process that builds the model.
+        ModelRegistry.register_model(family.architecture, f"{family.model_module}:{family.architecture}")
+    init_logger("vllm.zeda_vllm").info(
+        "zeda-vllm %s plugin loaded: ZEDA zero-expert architectures %s",
+        __version__,
+        ", ".join(f.architecture for f in FAMILIES),
+    )
