@@ -126,6 +126,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="zeda-quality-"))
     curves: dict[str, dict[str, Any]] = {}
     try:
+        for method in BASELINES:
+            curves[method] = curve(BUNDLED, args, baseline=method)
         for name, (recipe, overrides) in (QUICK_VARIANTS if args.quick else VARIANTS).items():
             if name in args.trained:  # converted beforehand with the same recipe: measure that folder
                 folder, seconds = args.trained[name], None
@@ -133,8 +135,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 folder, seconds = train(work, name, recipe, overrides)
             curves[name] = curve(folder, args) | {"recipe": recipe, "overrides": overrides, "train_seconds": seconds,
                                                   "folder": str(folder)}  # fmt: skip
-        for method in BASELINES:
-            curves[method] = curve(BUNDLED, args, baseline=method)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     grid = on_grid(curves)
@@ -205,7 +205,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     args.trained = {k: Path(v) for k, v in (t.split("=", 1) for t in args.trained)}
-    args.budgets = args.budgets or ([0.4, 0.6] if args.quick else [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8])
+    # 0.25 (one slot per token) is the floor of top-p, NAEE and entropy-k: 0.26 gives the curves a point below 0.3
+    args.budgets = args.budgets or ([0.4, 0.6] if args.quick else [0.26, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8])
     if args.quick:  # structure and sanity, in minutes: short texts, few of them
         args.eval_samples, args.gen_prompts = args.eval_samples or 24, args.gen_prompts or 8
         args.max_length, args.calibration_samples, args.new_tokens = 128, 32, 16
