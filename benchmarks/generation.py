@@ -22,7 +22,6 @@ import json
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import asdict, replace
@@ -31,7 +30,7 @@ from typing import Any
 
 import torch
 
-from common import ROOT, machine, print_table, write_result
+from common import ROOT, machine, print_table, write_result, zeda_child
 from speed_e2e import E2E_QUICK, E2EShape, build_e2e_models
 from zeda_cli.distill.generation import teacher_sampler
 from zeda_cli.distill.sampling import SamplingSettings
@@ -77,15 +76,20 @@ def rollout_speed(folder: Path, engine: str, prompts: list[list[int]], args: arg
             "tokens_per_s": round(tokens / seconds, 1)}  # fmt: skip
 
 
+def zeda(*args: str) -> str:
+    """Run a zeda command in a child process; its stdout, or the end of its stderr in the error."""
+    proc = subprocess.run(zeda_child(*args), capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"zeda {' '.join(args[:3])} failed: {proc.stderr[-2000:]}")
+    return proc.stdout
+
+
 def stage2_speed(inject: Path, engine: str, args: argparse.Namespace, work: Path) -> dict:
     out = work / f"stage2-{engine}"
     sets = [f"stage2.steps={args.steps}", f"generation.engine={engine}", "generation.enforce_eager=true"]
-    command = [sys.executable, "-m", "zeda_cli", "distill", "--stage", "2", str(inject), "--out", str(out),
-               "--recipe", "tiny-demo", "--overwrite", "-q", *(a for s in sets for a in ("--set", s))]  # fmt: skip
     began = time.perf_counter()
-    proc = subprocess.run(command, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"zeda distill ({engine}) failed: {proc.stderr[-2000:]}")
+    zeda("distill", "--stage", "2", str(inject), "--out", str(out), "--recipe", "tiny-demo", "--overwrite", "-q",
+         *(a for s in sets for a in ("--set", s)))  # fmt: skip
     wall = time.perf_counter() - began
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     step_s = [r["step_tokens"] / r["tokens_per_s"] for r in records]
@@ -99,20 +103,12 @@ def stage2_speed(inject: Path, engine: str, args: argparse.Namespace, work: Path
 def demo_quality(engine: str, work: Path) -> dict[str, Any]:
     """``zeda convert`` of the bundled model with the demo recipe up to stage 2, then ``zeda eval`` of stage 2."""
     out = work / f"demo-{engine}"
-    convert = [sys.executable, "-m", "zeda_cli", "convert", str(BUNDLED), "--out", str(out), "--recipe", "tiny-demo",
-               "--to", "stage2", "--set", f"generation.engine={engine}", "--json", "-q"]  # fmt: skip
-    stages, began = {}, time.perf_counter()
-    proc = subprocess.run(convert, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"zeda convert ({engine}) failed: {proc.stderr[-2000:]}")
-    for stage in json.loads(proc.stdout)["stages"]:
-        stages[stage["stage"]] = stage["seconds"]
+    began = time.perf_counter()
+    summary = json.loads(zeda("convert", str(BUNDLED), "--out", str(out), "--recipe", "tiny-demo", "--to", "stage2",
+                              "--set", f"generation.engine={engine}", "--json", "-q"))  # fmt: skip
+    stages = {stage["stage"]: stage["seconds"] for stage in summary["stages"]}
     wall = time.perf_counter() - began
-    proc = subprocess.run([sys.executable, "-m", "zeda_cli", "eval", str(out / "stage2"), "--json", "-q"],
-                          capture_output=True, text=True)  # fmt: skip
-    if proc.returncode != 0:
-        raise RuntimeError(f"zeda eval ({engine}) failed: {proc.stderr[-2000:]}")
-    ev = json.loads(proc.stdout)
+    ev = json.loads(zeda("eval", str(out / "stage2"), "--json", "-q"))
     return {"engine": engine, "convert_s": round(wall, 1), "stage_s": stages, "zero_share": ev["zero_share"],
             "nll_delta_pct": ev["nll_delta_pct"], "expert_flops_ratio": ev["expert_flops_ratio"]}  # fmt: skip
 

@@ -113,8 +113,7 @@ def ensure_rollouts(job: DistillJob, progress: ProgressBar | None) -> DistillJob
 
 def run_job(job: DistillJob, on_step: StepCallback | None = None, launcher: Launcher | None = None) -> dict[str, Any]:
     """Run the stage here or on the launcher's ranks; a vLLM generation engine (stage 2) lives for the whole run."""
-    prompts = stage2_prompts(job, load_tokenizer(job.student)) if job.stage == 2 else []
-    with student_engine(job, prompts) as url:
+    with student_engine(job, lambda: stage2_prompts(job, load_tokenizer(job.student))) as url:
         job = job.model_copy(update={"engine_url": url}) if url else job
         distributed = job.recipe.distributed
         if distributed.deepspeed or distributed.nproc > 1:

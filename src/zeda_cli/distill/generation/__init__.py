@@ -5,7 +5,7 @@ engine in its own environment, driven over local HTTP (:mod:`.vllm`). The recipe
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
@@ -48,8 +48,25 @@ def static_folder(teacher: TeacherSpec) -> tuple[str, dict[str, Any]]:
     the injected folder with its zero experts masked (zeda-vllm; exactly the original)."""
     if not teacher.masked:
         return teacher.path, {}
-    origin = Path(str(origin_of(lineage(Path(teacher.path))).get("folder") or ""))
-    return (str(origin), {}) if origin.is_dir() and str(origin) != "." else (teacher.path, {"use_zce_mask": True})
+    origin = origin_of(lineage(Path(teacher.path))).get("folder")
+    return (str(origin), {}) if origin and Path(origin).is_dir() else (teacher.path, {"use_zce_mask": True})
+
+
+def engine_spec(
+    folder: str,
+    generation: GenerationSection,
+    runtime: RuntimeSection,
+    prompts: Callable[[], list[list[int]]],
+    max_new_tokens: int,
+    log: Path,
+    hf_overrides: dict[str, Any] | None = None,
+) -> Any:
+    """The vLLM engine for ``folder``: the trainer's precision and a context fitting the prompts (tokenized only
+    when the recipe does not set ``max_model_len``)."""
+    from .vllm import EngineSpec, model_len
+
+    length = generation.max_model_len or model_len(prompts(), max_new_tokens)
+    return EngineSpec(folder, engine_dtype(generation, runtime), length, log, hf_overrides or {})
 
 
 @contextmanager
@@ -71,11 +88,10 @@ def teacher_sampler(
         model = load_model(teacher.path, dtype=compute_dtype(runtime, device), use_zce_mask=teacher.masked or None)
         yield HfSampler(model.to(device), load_tokenizer(teacher.path), device)
         return
-    from .vllm import ENGINE_LOG, EngineSpec, VllmSampler, model_len, running_engine
+    from .vllm import ENGINE_LOG, VllmSampler, running_engine
 
     folder, overrides = static_folder(teacher)
-    spec = EngineSpec(folder, engine_dtype(generation, runtime), model_len(prompts, max_new_tokens,
-                      generation.max_model_len), log_dir / ENGINE_LOG, overrides)  # fmt: skip
+    spec = engine_spec(folder, generation, runtime, lambda: prompts, max_new_tokens, log_dir / ENGINE_LOG, overrides)
     with running_engine(spec, generation) as client:
         yield VllmSampler(client, probe_prompt=prompts[0] if prompts else [], tolerance=0.0)
 
@@ -86,18 +102,17 @@ def probe_tolerance(dtype: str) -> float:
 
 
 @contextmanager
-def student_engine(job: Any, prompts: list[list[int]]) -> Iterator[str | None]:
+def student_engine(job: Any, prompts: Callable[[], list[list[int]]]) -> Iterator[str | None]:
     """Stage 2 with ``generation.engine: vllm``: the engine serving the student for the whole stage (its URL), started
-    in the process that launches the ranks; ``None`` for ``hf``."""
+    in the process that launches the ranks; ``None`` for ``hf`` (``prompts`` is then never called)."""
     generation = job.recipe.generation
     if job.stage != 2 or generation.engine == "hf":
         yield None
         return
-    from .vllm import ENGINE_LOG, EngineSpec, model_len, running_engine
+    from .vllm import ENGINE_LOG, running_engine
 
-    s2 = job.recipe.stage2
-    length = model_len(prompts, s2.max_new_tokens, generation.max_model_len)
-    spec = EngineSpec(job.student, engine_dtype(generation, job.recipe.runtime), length, Path(job.out) / ENGINE_LOG)
+    log = Path(job.out) / ENGINE_LOG
+    spec = engine_spec(job.student, generation, job.recipe.runtime, prompts, job.recipe.stage2.max_new_tokens, log)
     with running_engine(spec, generation) as client:
         yield client.url
 

@@ -63,10 +63,8 @@ def default_vllm_python() -> Path:
     return Path(__file__).resolve().parents[4] / ".venv-vllm" / "bin" / "python"
 
 
-def model_len(prompts: list[list[int]], max_new_tokens: int, configured: int | None) -> int:
-    """The engine's context: the recipe's value, else the longest prompt + new tokens, rounded up to 64."""
-    if configured:
-        return configured
+def model_len(prompts: list[list[int]], max_new_tokens: int) -> int:
+    """The engine's context: the longest prompt + new tokens, rounded up to 64."""
     need = max((len(p) for p in prompts), default=0) + max_new_tokens
     return -(-need // 64) * 64
 
