@@ -32,10 +32,9 @@ import torch
 
 from common import ROOT, machine, print_table, write_result, zeda_child
 from speed_e2e import E2E_QUICK, E2EShape, build_e2e_models
-from zeda_cli.distill.generation import teacher_sampler
-from zeda_cli.distill.sampling import SamplingSettings
+from zeda_cli.distill.generation import SamplingSettings, generator
 from zeda_cli.inject import inject_zero_experts
-from zeda_cli.recipes import GenerationSection, RuntimeSection, ZeroExpertsSection
+from zeda_cli.recipes import GenerationSection, Recipe, RuntimeSection, ZeroExpertsSection
 from zeda_cli.runs import TeacherSpec
 from zeda_cli.runtime.loading import load_tokenizer
 
@@ -57,12 +56,12 @@ def write_slice(shape: E2EShape, folder: Path) -> Path:
 
 
 def rollout_speed(folder: Path, engine: str, prompts: list[list[int]], args: argparse.Namespace, work: Path) -> dict:
-    runtime = RuntimeSection(dtype="bfloat16", device="cpu")
     generation = GenerationSection(engine=engine, dtype="bfloat16", enforce_eager=args.quick)
+    recipe = Recipe(runtime=RuntimeSection(dtype="bfloat16", device="cpu"), generation=generation)
     settings = SamplingSettings(args.new_tokens, temperature=1.0)
     began = time.perf_counter()
     teacher = TeacherSpec(path=str(folder), masked=False)
-    with teacher_sampler(teacher, runtime, generation, prompts, args.new_tokens, work) as s:
+    with generator(recipe).teacher_sampler(teacher, recipe, prompts, args.new_tokens, work) as s:
         s.sample(prompts[: args.batch], SamplingSettings(4), seed=99)  # warm-up: compilation, first allocations
         ready = time.perf_counter() - began
         tokens, seconds = 0, 0.0

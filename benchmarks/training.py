@@ -65,11 +65,13 @@ class DynamicStep:
 
     def __call__(self, ids: torch.Tensor) -> None:
         from zeda_cli.distill.data import SftExample
+        from zeda_cli.distill.loop import MicroSteps
         from zeda_cli.distill.stage1 import Stage1Target, _train_step
 
         examples = [SftExample(row.tolist(), [-100] + row.tolist()[1:]) for row in ids]
         target = Stage1Target("ce", "response", 1024, None)  # the official CE loss
-        self.stats = _train_step(self.engine, examples, 0, len(examples), self.balance, self.spec, target)
+        micro = MicroSteps(self.engine, self.spec, self.balance)
+        self.stats = _train_step(micro, examples, 0, len(examples), target)
 
 
 def build(variant: str, injected: Path, bias: float) -> Any:

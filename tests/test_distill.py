@@ -13,8 +13,10 @@ from transformers import AutoModelForCausalLM
 from tiny_models import PAD, save_distill_teacher, write_prompts
 from zeda_cli import load_model, load_tokenizer
 from zeda_cli.console import Output
+from zeda_cli.distill.data import sequence_batch
+from zeda_cli.distill.generation import SamplingSettings
+from zeda_cli.distill.generation.hf import sample_responses
 from zeda_cli.distill.run import run_stage
-from zeda_cli.distill.sampling import SamplingSettings, sample_responses, sequence_batch
 from zeda_cli.inject import inject_zero_experts
 from zeda_cli.recipes import ZeroExpertsSection, load_recipe
 from zeda_cli.runs import read_manifest, verify_files

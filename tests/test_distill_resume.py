@@ -82,17 +82,17 @@ def test_interrupted_rollout_file_resumes_without_duplicates(small, tmp_path):
     recipe = load_recipe(None, [f"data.prompts={prompts}", "rollout.max_new_tokens=8", "rollout.batch_size=16"])
     teacher = TeacherSpec(path=str(static), masked=False)
     whole = tmp_path / "whole.jsonl"
-    generate_rollouts(teacher, recipe.data, recipe.rollout, recipe.runtime, whole)
+    generate_rollouts(teacher, recipe, whole)
     cut = tmp_path / "cut.jsonl"
     shutil.copy(whole.with_name("whole.meta.json"), tmp_path / "cut.meta.json")
     lines = whole.read_text().splitlines(keepends=True)
     cut.write_text("".join(lines[:20]) + lines[20][:15])  # a batch and a bit, the last line cut short
-    summary = generate_rollouts(teacher, recipe.data, recipe.rollout, recipe.runtime, cut)
+    summary = generate_rollouts(teacher, recipe, cut)
     assert summary.generated_now == 48 - 16  # resumed at the first incomplete batch
     assert cut.read_text() == whole.read_text()
     other = load_recipe(None, [f"data.prompts={prompts}", "rollout.max_new_tokens=9", "rollout.batch_size=16"])
     with pytest.raises(Exception, match="other settings"):
-        generate_rollouts(teacher, other.data, other.rollout, other.runtime, cut)
+        generate_rollouts(teacher, other, cut)
 
 
 def _bad(tmp_path, static, inject, prompts):

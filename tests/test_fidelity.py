@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from zeda_cli.architectures import resolve_config
+from zeda_cli.distill.data import sequence_batch
 from zeda_cli.distill.losses import GroupBalance, position_weights, sampled_reverse_kl_loss
-from zeda_cli.distill.sampling import sequence_batch
 from zeda_cli.distill.stage2 import opd_loss
 from zeda_cli.inject import inject_zero_experts
 from zeda_cli.recipes import Stage2Section, ZeroExpertsSection

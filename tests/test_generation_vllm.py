@@ -17,8 +17,8 @@ import torch
 
 from vllm_harness import vllm_skip_reason
 from zeda_cli import load_model, load_tokenizer
-from zeda_cli.distill.generation.vllm import EngineSpec, VllmSampler, running_engine
-from zeda_cli.distill.state import select_trainable
+from zeda_cli.distill.generation.vllm import ServerSpec, VllmSampler, running_server
+from zeda_cli.distill.student import select_trainable
 from zeda_cli.errors import EXIT_BAD_INPUT, EXIT_EXTERNAL
 from zeda_cli.inject import inject_zero_experts
 from zeda_cli.recipes import GenerationSection, ZeroExpertsSection
@@ -64,16 +64,16 @@ def test_engine_samples_follow_the_weights_synced_after_each_step(dyn, tmp_path)
     model = load_model(dyn, dtype=torch.float32).eval()
     start = load_model(dyn, dtype=torch.float32).eval()
     select_trainable(model, "router")
-    spec = EngineSpec(str(dyn), "float32", 256, tmp_path / "engine.log")
+    spec = ServerSpec(str(dyn), "float32", 256, tmp_path / "engine.log")
     generation = GenerationSection(engine="vllm", enforce_eager=True)
-    with running_engine(spec, generation) as client:
+    with running_server(spec, generation) as client:
         sampler = VllmSampler(client, prompts[0], tolerance=1e-3)
         generator = torch.Generator().manual_seed(0)
         for _ in range(3):  # an optimizer step's worth of change to every router, then the sync
             with torch.no_grad():
                 for p in (p for p in model.parameters() if p.requires_grad):
                     p.add_(torch.randn(p.shape, generator=generator) * 0.05)
-            assert sampler.sync(model) > 0
+            assert sampler.sync(model, 1) > 0
         body = {"prompts": prompts, "max_tokens": 24, "temperature": 1.0, "top_p": 1.0, "seed": 5}
         samples = [row[0] for row in client.call("/generate", body)["samples"]]
     synced = stale = 0.0
@@ -163,8 +163,8 @@ def test_bad_engine_settings_get_one_line(dyn, tmp_path):
     args = ["distill", "--stage", "2", str(dyn), "--out", str(tmp_path / "a"), "--recipe", "tiny-demo"]
     proc = zeda(*args, *sets(["generation.engine=vllm", f"generation.vllm_python={tmp_path / 'none' / 'python'}"]))
     assert proc.returncode == EXIT_BAD_INPUT and "make install-vllm" in proc.stderr, proc.stderr[-1000:]
-    proc = zeda(*args, "--overwrite", *sets(["generation.engine=vllm", "generation.vllm_url=http://127.0.0.1:9"]))
-    assert proc.returncode == EXIT_EXTERNAL and "no vLLM generation engine answers" in proc.stderr, proc.stderr
+    proc = zeda(*args, "--overwrite", *sets(["generation.engine=vllm", "generation.student_url=http://127.0.0.1:9"]))
+    assert proc.returncode == EXIT_EXTERNAL and "no vLLM generation server answers" in proc.stderr, proc.stderr
     proc = zeda(*args, "--overwrite", *sets(["generation.engine=sglang"]))
     assert proc.returncode == EXIT_BAD_INPUT and "'hf' or 'vllm'" in proc.stderr, proc.stderr[-1000:]
 

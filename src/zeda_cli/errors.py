@@ -7,16 +7,30 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-# Exit codes (documented in the README): CI pipelines branch on them.
+# Exit codes: CI pipelines branch on them. EXIT_CODES is the one table (the README's "Exit codes" section is
+# checked against it by tests/test_exit_codes.py); every command maps each kind of problem to the same code.
 EXIT_OK = 0
-EXIT_INTERNAL = 1  # a bug: unexpected exception (traceback with ZEDA_DEBUG=1)
-EXIT_BAD_INPUT = 2  # bad flag, recipe, path or data (also Typer's own usage errors)
-EXIT_UNSUPPORTED = 3  # the model is dense, of an unsupported family, or already dynamic
-EXIT_CHECKPOINT = 4  # missing / corrupted / inconsistent checkpoint files
-EXIT_EXTERNAL = 5  # the Hub, network, disk space, launcher
-EXIT_STAGE_FAILED = 6  # a pipeline stage ran and failed
-EXIT_GATE_FAILED = 7  # zeda eval: a quality gate (--max-nll-rise, --min-zero-share, ...) was violated
+EXIT_INTERNAL = 1
+EXIT_BAD_INPUT = 2
+EXIT_UNSUPPORTED = 3
+EXIT_CHECKPOINT = 4
+EXIT_EXTERNAL = 5
+EXIT_STAGE_FAILED = 6
+EXIT_GATE_FAILED = 7
 EXIT_INTERRUPTED = 130
+
+EXIT_CODES: dict[int, str] = {
+    EXIT_OK: "success",
+    EXIT_INTERNAL: "internal error (a bug; `ZEDA_DEBUG=1` shows the traceback)",
+    EXIT_BAD_INPUT: "bad input: flag, recipe, path, data; a missing extra (the message names it)",
+    EXIT_UNSUPPORTED: "unsupported model: dense, unsupported family, already dynamic (inspect: not convertible)",
+    EXIT_CHECKPOINT: "checkpoint problem: missing or corrupted shard, inconsistent index",
+    EXIT_EXTERNAL: "external: Hub, network, disk space, not enough memory, no GPU, a generation server that fails "
+    "or serves other weights",
+    EXIT_STAGE_FAILED: "a pipeline stage ran and failed (rerun the same command to resume)",
+    EXIT_GATE_FAILED: "`zeda eval`: a quality gate was violated (the message names each one)",
+    EXIT_INTERRUPTED: "interrupted",
+}
 
 
 class ZedaError(Exception):
@@ -67,6 +81,12 @@ class ProblemsError(ZedaError):
         codes = {p.exit_code for p in self.problems}
         self.exit_code = codes.pop() if len(codes) == 1 else EXIT_BAD_INPUT
         super().__init__(f"{len(self.problems)} problems: " + " | ".join(p.one_line() for p in self.problems))
+
+
+def error_class(exit_code: int) -> type[ZedaError]:
+    """The error class that exits with ``exit_code`` (e.g. to re-raise a failure a rank reported)."""
+    classes = (BadInputError, UnsupportedModelError, CheckpointError, ExternalError, StageFailedError)
+    return next((c for c in classes if c.exit_code == exit_code), StageFailedError)
 
 
 def raise_all(problems: list[ZedaError]) -> None:

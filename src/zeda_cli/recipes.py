@@ -22,6 +22,11 @@ Share = Annotated[float, Field(gt=0.0, lt=1.0, json_schema_extra={"expected": "a
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegative = Annotated[float, Field(ge=0.0)]
 FloatDtype = Literal["auto", "bfloat16", "float16", "float32"]
+# Keys that no longer exist -> what replaced them (a recipe or --set using one gets this, not "unknown key").
+RENAMED = {
+    "generation.vllm_url": "generation.teacher_url (the static teacher's server) or generation.student_url (the "
+    "student's server in stage 2): one server no longer serves both roles",
+}
 BASELINES = ("top_p", "naee", "threshold", "static_topk", "entropy_k", "random")  # evaluate.baselines.METHODS
 
 
@@ -146,21 +151,67 @@ class Stage2Section(TrainCommon):
 
 
 class DistributedSection(Section):
+    """Where a training stage runs: one process (``none``), DeepSpeed ZeRO ranks, or FSDP2 (+ expert parallelism)
+    ranks built by transformers' own ``DistributedConfig``; on one node or several (``nnodes``)."""
+
+    backend: Annotated[Literal["none", "deepspeed", "fsdp2"], Field(**expected("none, deepspeed or fsdp2"))] | None = (
+        None  # default: deepspeed when `deepspeed` is set, else none
+    )
     deepspeed: str | None = None  # DeepSpeed JSON config; set -> ZeRO run under the launcher
-    nproc: PositiveInt = 1
+    nproc: PositiveInt = 1  # processes (GPUs) per node
+    # FSDP2: ep_size ranks share the experts of a layer (token all-to-all), fsdp_size ranks shard each parameter,
+    # dp_replicate_size replicas (HSDP: one per node) all-reduce gradients; world = fsdp_size x dp_replicate_size.
+    ep_size: PositiveInt = 1
+    fsdp_size: PositiveInt | None = None  # default: world size / dp_replicate_size
+    dp_replicate_size: PositiveInt = 1
+    cpu_offload: bool = False  # FSDP2: parameters, gradients and optimizer state live on the host
+    mixed_precision: bool = False  # FSDP2: bf16 compute over fp32 master weights
+    nnodes: PositiveInt = 1
+    node_rank: Annotated[int, Field(ge=0)] = 0
+    master_addr: str = "127.0.0.1"  # the rendezvous host (node 0) when nnodes > 1
+    master_port: Annotated[int, Field(gt=0, lt=65536)] | None = None  # default: a free port (one node only)
+    timeout_s: PositiveInt | None = None  # collective timeout; default: derived from generation.request_timeout_s
+
+    @property
+    def kind(self) -> str:
+        """The backend in effect: the explicit one, else deepspeed when a DeepSpeed config or several processes are
+        asked for (ZeRO-3 with zeda's defaults), else none (one process)."""
+        return self.backend or ("deepspeed" if self.deepspeed or self.world_size > 1 else "none")
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc * self.nnodes
+
+    @property
+    def launched(self) -> bool:
+        """True when the stage runs on ranks started by a launcher (not in the calling process)."""
+        return self.kind != "none"
+
+    @model_validator(mode="after")
+    def _one_process(self) -> DistributedSection:
+        if self.backend == "none" and self.world_size > 1:
+            raise FieldProblem(BadInputError(
+                f"distributed.backend none with {self.world_size} processes",
+                expected="one process, or backend deepspeed / fsdp2 for several",
+                fix="drop distributed.nproc / nnodes, or pick a backend"))  # fmt: skip
+        return self
 
 
 class GenerationSection(Section):
     """Who samples: the teacher's stage-1 rollouts and the student's stage-2 samples.
 
-    ``hf``: transformers' ``generate`` in the training process. ``vllm``: a vLLM engine in its own environment
+    ``hf``: transformers' ``generate`` in the training process. ``vllm``: vLLM servers in their own environment
     (``vllm_python``: a Python with vllm + zeda-vllm, started and stopped by zeda; default the ``.venv-vllm`` that
-    ``make install-vllm`` builds) or one a user started (``vllm_url``: ``python -m zeda_vllm.engine``, same node).
+    ``make install-vllm`` builds), or servers a user started (``teacher_url`` / ``student_url``:
+    ``python -m zeda_vllm.engine``), each checked against the weights it should serve before use.
     """
 
     engine: Annotated[Literal["hf", "vllm"], Field(**expected("hf or vllm"))] = "hf"
     vllm_python: str | None = None  # default: .venv-vllm/bin/python beside the zeda checkout, if it exists
-    vllm_url: str | None = None  # e.g. http://127.0.0.1:8011 (zeda then starts nothing)
+    teacher_url: str | None = None  # a running server of the static teacher, e.g. http://127.0.0.1:8011
+    student_url: str | None = None  # a running server of the student (stage 2), loaded from the stage's student
+    num_engines: PositiveInt = 1  # data-parallel servers per role; a step's prompts are split between them
+    devices: list[Annotated[int, Field(ge=0)]] = []  # GPUs the servers use (CUDA_VISIBLE_DEVICES); [] = inherited
     dtype: Annotated[FloatDtype, Field(**expected("auto, bfloat16, float16, float32"))] = "auto"
     max_model_len: PositiveInt | None = None  # default: prompt + max_new_tokens of the stage, rounded up
     gpu_memory_utilization: Annotated[float, Field(gt=0.0, le=1.0)] = 0.5  # the trainer shares the GPU
@@ -168,6 +219,9 @@ class GenerationSection(Section):
     enforce_eager: bool = False  # skip torch.compile / CUDA graphs (faster start, slower steps)
     startup_timeout_s: PositiveInt = 900
     request_timeout_s: PositiveInt = 3600
+    sync_bucket_mb: PositiveInt = 512  # weight sync: the most bytes staged at once (whole modules per bucket)
+    sync_dir: str | None = None  # where sync buckets are staged; default /dev/shm, else the run folder
+    check_every: PositiveInt = 50  # the served weights are checked after the first step and every N steps
 
 
 class RuntimeSection(Section):
@@ -347,6 +401,8 @@ def _allowed_keys(model: type[BaseModel], path: list[str]) -> list[str]:
 def _path_error(path: list[str]) -> ZedaError | None:
     """The first unknown segment of a --set key path, named with the keys allowed at that level."""
     model: type[BaseModel] = Recipe
+    if (dotted := ".".join(path)) in RENAMED:
+        return _renamed(f"--set {dotted}", dotted)
     for depth, part in enumerate(path):
         where = ".".join(path[:depth]) or "the recipe"
         field = model.model_fields.get(part)
@@ -414,6 +470,8 @@ def _field_error(origin: str, e: dict[str, Any], flags: dict[str, str]) -> ZedaE
     problem = e.get("ctx", {}).get("error")
     if isinstance(problem, FieldProblem):
         return _flag_problem(flags[loc], problem.problem) if loc in flags else _keyed(f"{origin}: {loc}", problem)
+    if e["type"] == "extra_forbidden" and loc in RENAMED:
+        return _renamed(f"{origin}: {loc}", loc)
     if e["type"] == "extra_forbidden":
         allowed = _allowed_keys(Recipe, [str(p) for p in e["loc"][:-1]])
         return BadInputError(
@@ -431,6 +489,10 @@ def _field_error(origin: str, e: dict[str, Any], flags: dict[str, str]) -> ZedaE
             f"{flags[loc]} {shown} ({loc})", expected=_expected(e["loc"]) or detail, fix=f"pass another {flags[loc]}"
         )
     return BadInputError(f"{origin}: {loc or 'recipe'} = {received!r} is invalid", expected=detail, fix=f"set {loc}")
+
+
+def _renamed(where: str, key: str) -> ZedaError:
+    return BadInputError(f"{where} is no longer a recipe key", expected=RENAMED[key], fix="use the new key")
 
 
 def _flag_problem(flag: str, problem: ZedaError) -> ZedaError:

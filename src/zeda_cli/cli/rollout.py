@@ -59,8 +59,7 @@ def rollout(
             raise BadInputError("no prompt set given", expected="--prompts FILE", fix="pass --prompts")
         spec = TeacherSpec(path=teacher, masked=True)
         with output.progress() as progress:
-            summary = generate_rollouts(spec, r.data, r.rollout, r.runtime, out, overwrite=overwrite,
-                                        progress=progress, generation=r.generation)  # fmt: skip
+            summary = generate_rollouts(spec, r, out, overwrite=overwrite, progress=progress)
         data = {
             "ok": True,
             "out": str(summary.path),

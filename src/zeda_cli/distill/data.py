@@ -1,4 +1,4 @@
-"""Prompt sets, teacher-rollout files and the batches built from them.
+"""Prompt sets, teacher-rollout files and the training batches built from them.
 
 Prompts come from a local ``.jsonl`` (parsed here, for line-numbered errors), ``.json`` / ``.parquet`` (through
 ``datasets``), or a Hugging Face dataset id (``datasets.load_dataset``). A record holds ``messages`` (chat turns) or
@@ -114,6 +114,16 @@ def render_prompt(record: PromptRecord, tokenizer: Any, chat_template: bool) -> 
     return "\n".join(m["content"] for m in messages)
 
 
+def tokenize_prompts(records: list[Any], tokenizer: Any, data: DataSection) -> list[tuple[str, list[int]]]:
+    """(rendered text, token ids) per prompt; the chat template already carries any special tokens."""
+    out = []
+    templated = data.chat_template and bool(getattr(tokenizer, "chat_template", None))
+    for record in records:
+        text = render_prompt(record, tokenizer, data.chat_template)
+        out.append((text, tokenizer(text, add_special_tokens=not templated)["input_ids"]))
+    return out
+
+
 # --- rollouts ----------------------------------------------------------------------------------------------------
 def read_rollouts(path: Path) -> list[dict[str, Any]]:
     """Complete records only: a line cut short by a killed writer is ignored (and rewritten on resume)."""
@@ -187,3 +197,65 @@ def collate_sft(examples: list[SftExample], pad_id: int) -> dict[str, torch.Tens
 def micro_batches(items: list[Any], size: int) -> Iterator[list[Any]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
+
+
+# --- stage-2 batches: prompt + sampled response ----------------------------------------------------------------
+def special_ids(tokenizer: Any, model: Any) -> tuple[int, list[int]]:
+    """(pad id, eos ids) from the model's generation config, falling back to the tokenizer."""
+    gen = getattr(model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = getattr(gen, "pad_token_id", None) if gen is not None else None
+    if pad is None:
+        pad = eos_ids[0] if eos_ids else 0
+    return int(pad), eos_ids
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        if s:
+            ids[i, width - len(s) :] = torch.tensor(s)
+            mask[i, width - len(s) :] = 1
+    return ids, mask
+
+
+@dataclass
+class SequenceBatch:
+    input_ids: torch.Tensor  # [B, S] left-padded prompt + right-padded response
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    targets: torch.Tensor  # [B, S]: targets[:, t] = input_ids[:, t + 1] (last column padding)
+    response_mask: torch.Tensor  # [B, S] float: 1 where targets[:, t] is a response token
+
+    def to(self, device: torch.device | str) -> SequenceBatch:
+        return SequenceBatch(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
+
+    @property
+    def response_tokens(self) -> int:
+        return int(self.response_mask.sum().item())
+
+
+def sequence_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> SequenceBatch:
+    """Prompts left-padded to one width, responses appended and right-padded; masks for attention and loss."""
+    p_ids, p_mask = left_pad(prompts, pad_id)
+    width = max((len(r) for r in responses), default=0)
+    r_ids = torch.full((len(responses), width), pad_id, dtype=torch.long)
+    r_mask = torch.zeros((len(responses), width), dtype=torch.long)
+    for i, r in enumerate(responses):
+        if r:
+            r_ids[i, : len(r)] = torch.tensor(r)
+            r_mask[i, : len(r)] = 1
+    ids = torch.cat([p_ids, r_ids], dim=1)
+    mask = torch.cat([p_mask, r_mask], dim=1)
+    position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    targets = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], pad_id)], dim=1)
+    response = torch.zeros_like(mask, dtype=torch.float32)
+    response[:, p_ids.shape[1] - 1 : -1] = r_mask.float()  # position t predicts token t+1
+    return SequenceBatch(ids, mask, position_ids, targets, response)

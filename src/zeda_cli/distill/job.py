@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
 from ..errors import BadInputError, UnsupportedModelError, ZedaError, raise_all
 from ..model_ref import ModelRef, as_model, resolve_model
-from ..recipes import Recipe
+from ..recipes import Recipe, TrainCommon
 from ..runs import TeacherSpec, lineage, original_teacher
 
 JOB_FILE = "job.json"
@@ -31,7 +31,36 @@ class DistillJob(BaseModel):
     recipe: Recipe
     resume: bool = False
     rollouts: str | None = None  # stage 1: the teacher-rollout JSONL to train on
-    engine_url: str | None = None  # stage 2 with generation.engine vllm: the running engine (set by run_job)
+
+    # --- the facts of a stage that the shared code asks for (the only place that branches on the stage) ---------
+    @property
+    def section(self) -> TrainCommon:
+        return self.recipe.stage1 if self.stage == 1 else self.recipe.stage2
+
+    @property
+    def needs_teacher(self) -> bool:
+        """Stage 2 scores every sample with the teacher; stage 1 only for its dense KL loss."""
+        return self.stage == 2 or self.recipe.stage1.loss == "kl"
+
+    @property
+    def split(self) -> tuple[str, int]:
+        """The recipe key whose value the ranks split between them, and that value."""
+        if self.stage == 1:
+            return "stage1.global_batch_size", self.recipe.stage1.global_batch_size
+        return "stage2.prompts_per_step", self.recipe.stage2.prompts_per_step
+
+    def sequences_per_rank(self, world: int) -> int:
+        per_rank = self.split[1] // world
+        return per_rank * (self.recipe.stage2.samples_per_prompt if self.stage == 2 else 1)
+
+    def check_split(self, world: int) -> None:
+        name, size = self.split
+        if size % world:
+            raise BadInputError(
+                f"{name}={size} does not split over {world} ranks",
+                expected=f"a multiple of {world}",
+                fix=f"set {name} to a multiple of {world}, or change the number of processes",
+            )
 
     def write(self, folder: Path) -> Path:
         path = folder / JOB_FILE
@@ -86,28 +115,13 @@ def check_teacher(teacher: TeacherSpec, student: ModelRef) -> list[ZedaError]:
 def check_deepspeed_config(path: str | None) -> list[ZedaError]:
     if path is None:
         return []
+    from .engines.deepspeed import load_deepspeed_config
+
     try:
         load_deepspeed_config(path)
     except ZedaError as err:
         return [err]
     return []
-
-
-def load_deepspeed_config(path: str) -> dict[str, Any]:
-    file = Path(path).expanduser()
-    fix = "pass a DeepSpeed JSON config, e.g. recipes/deepspeed/zero3.json"
-    if not file.exists():
-        raise BadInputError(f"DeepSpeed config {path} does not exist", expected="a JSON file", fix=fix)
-    try:
-        config = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
-        raise BadInputError(f"DeepSpeed config {path} is not valid JSON ({err.msg})", fix=fix) from err
-    stage = config.get("zero_optimization", {}).get("stage", 0) if isinstance(config, dict) else None
-    if not isinstance(config, dict) or stage not in (0, 1, 2, 3):
-        raise BadInputError(
-            f"DeepSpeed config {path} has zero_optimization.stage={stage!r}", expected="0, 1, 2 or 3", fix=fix
-        )
-    return config
 
 
 def _check_prompts(recipe: Recipe) -> list[ZedaError]:

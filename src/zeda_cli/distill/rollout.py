@@ -18,12 +18,11 @@ from typing import Any
 
 from ..console import ProgressBar
 from ..errors import BadInputError
-from ..recipes import DataSection, GenerationSection, RolloutSection, RuntimeSection
+from ..recipes import DataSection, Recipe, RolloutSection
 from ..runs import TeacherSpec
 from ..runtime.loading import load_tokenizer
-from .data import append_rollouts, load_prompt_records, read_rollouts, render_prompt, rewrite_rollouts
-from .generation import Sampler, teacher_sampler
-from .sampling import SamplingSettings
+from .data import append_rollouts, load_prompt_records, read_rollouts, rewrite_rollouts, tokenize_prompts
+from .generation import Sampler, SamplingSettings, generator
 
 ROLLOUTS_FILE = "rollouts.jsonl"
 
@@ -39,16 +38,6 @@ class RolloutSummary:
     generated_now: int
     finished_share: float
     mean_response_tokens: float
-
-
-def tokenize_prompts(records: list[Any], tokenizer: Any, data: DataSection) -> list[tuple[str, list[int]]]:
-    """(rendered text, token ids) per prompt; the chat template already carries any special tokens."""
-    out = []
-    templated = data.chat_template and bool(getattr(tokenizer, "chat_template", None))
-    for record in records:
-        text = render_prompt(record, tokenizer, data.chat_template)
-        out.append((text, tokenizer(text, add_special_tokens=not templated)["input_ids"]))
-    return out
 
 
 def _meta(
@@ -85,26 +74,25 @@ def _resume_point(path: Path, meta: dict, overwrite: bool, batch_size: int) -> l
 
 def generate_rollouts(
     teacher: TeacherSpec,
-    data: DataSection,
-    settings: RolloutSection,
-    runtime: RuntimeSection,
+    recipe: Recipe,
     path: Path,
     *,
     overwrite: bool = False,
     progress: ProgressBar | None = None,
-    generation: GenerationSection | None = None,
 ) -> RolloutSummary:
+    """The teacher's response to every prompt of ``recipe.data``, sampled with ``recipe.rollout`` by the generator
+    ``recipe.generation`` names, appended to ``path`` batch by batch (resumable)."""
+    settings = recipe.rollout
     tokenizer = load_tokenizer(teacher.path)
-    prompts = tokenize_prompts(load_prompt_records(data), tokenizer, data)
+    prompts = tokenize_prompts(load_prompt_records(recipe.data), tokenizer, recipe.data)
     path.parent.mkdir(parents=True, exist_ok=True)
-    generation = generation or GenerationSection()
-    meta = _meta(teacher, data, settings, [p for _, p in prompts], generation.engine)
+    meta = _meta(teacher, recipe.data, settings, [p for _, p in prompts], recipe.generation.engine)
     done = _resume_point(path, meta, overwrite, settings.batch_size)
     first_batch = len(done) // settings.batch_size
     generated = 0
     if first_batch * settings.batch_size < len(prompts):
-        with teacher_sampler(teacher, runtime, generation, [p for _, p in prompts], settings.max_new_tokens,
-                             path.parent) as sampler:  # fmt: skip
+        ids = [p for _, p in prompts]
+        with generator(recipe).teacher_sampler(teacher, recipe, ids, settings.max_new_tokens, path.parent) as sampler:
             generated = _generate(sampler, tokenizer, prompts, settings, path, first_batch, progress)
     records = read_rollouts(path)
     return RolloutSummary(

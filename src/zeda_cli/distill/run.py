@@ -1,6 +1,6 @@
 """What ``zeda distill`` does (also ``zeda convert``'s stage 1 and 2), top to bottom in :func:`run_stage`: validate
-the job, prepare the output folder, make the teacher rollouts (stage 1), then train in this process or, with a
-DeepSpeed config / several processes, on ranks started by the launcher."""
+the job, prepare the output folder, make the teacher rollouts (stage 1), start the generation servers the stage
+needs, then train in this process or on the ranks the launcher starts (``distributed.kind``)."""
 
 from __future__ import annotations
 
@@ -9,32 +9,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
-
 from ..console import Output, ProgressBar
 from ..errors import BadInputError
 from ..model_ref import ModelRef
 from ..recipes import Recipe
 from ..runs import read_manifest
-from ..runtime.loading import load_model, load_tokenizer, resolve_device
-from .engines.local import LocalEngine
-from .generation import student_engine
+from ..runtime.loading import load_tokenizer
+from .engines.local import LocalBackend
+from .generation import Servers, generator
 from .job import DistillJob, build_job
 from .loop import StepCallback
+from .process import run_in_process
 from .rollout import ROLLOUTS_FILE, generate_rollouts
-from .stage1 import run_stage1
-from .stage2 import run_stage2, stage2_prompts
-from .state import TEACHER_ROUTER_FILE, compute_dtype, load_student, stage_section
-from .teachers import (
-    ModelTeacher,
-    RouterViewTeacher,
-    Teacher,
-    load_router_rows,
-    original_router_rows,
-    save_router_rows,
-)
+from .stage2 import stage2_prompts
 
-Launcher = Callable[[DistillJob, Path], dict[str, Any]]
+Launcher = Callable[[DistillJob, Path, Servers], dict[str, Any]]
 
 
 def run_stage(
@@ -52,6 +41,8 @@ def run_stage(
 ) -> dict[str, Any]:
     """Run one distillation stage into ``out``; returns its summary (the manifest's metrics)."""
     job = build_job(stage, student, out, recipe, teacher=teacher, resume=resume, rollouts=rollouts)
+    if recipe.distributed.node_rank > 0:  # another node's launcher: node 0 prepares the folder and the servers
+        return (launcher or _launch)(job, out, Servers())
     if prepare_stage_dir(out, resume, overwrite):
         output.log(f"{out} is already complete (zeda.json done); nothing to do.")
         manifest = read_manifest(out)
@@ -105,62 +96,19 @@ def ensure_rollouts(job: DistillJob, progress: ProgressBar | None) -> DistillJob
     if job.stage != 1 or job.rollouts:
         return job
     path = Path(job.out) / ROLLOUTS_FILE
-    recipe = job.recipe
-    generate_rollouts(job.teacher, recipe.data, recipe.rollout, recipe.runtime, path, progress=progress,
-                      generation=recipe.generation)  # fmt: skip
+    generate_rollouts(job.teacher, job.recipe, path, progress=progress)
     return job.model_copy(update={"rollouts": str(path)})
 
 
 def run_job(job: DistillJob, on_step: StepCallback | None = None, launcher: Launcher | None = None) -> dict[str, Any]:
-    """Run the stage here or on the launcher's ranks; a vLLM generation engine (stage 2) lives for the whole run."""
-    with student_engine(job, lambda: stage2_prompts(job, load_tokenizer(job.student))) as url:
-        job = job.model_copy(update={"engine_url": url}) if url else job
-        distributed = job.recipe.distributed
-        if distributed.deepspeed or distributed.nproc > 1:
-            from .launch import launch_job
-
-            return (launcher or launch_job)(job, Path(job.out))
-        return run_local(job, on_step)
+    """Run the stage here or on the launcher's ranks; generation servers (stage 2) live for the whole run."""
+    with generator(job.recipe).serve_student(job, lambda: stage2_prompts(job, load_tokenizer(job.student))) as servers:
+        if job.recipe.distributed.launched:
+            return (launcher or _launch)(job, Path(job.out), servers)
+        return run_in_process(job, LocalBackend(job), servers, on_step)
 
 
-def run_local(job: DistillJob, on_step: StepCallback | None = None) -> dict[str, Any]:
-    section = stage_section(job)
-    device = resolve_device(job.recipe.runtime.device)
-    dtype = compute_dtype(job.recipe.runtime, device)
-    tokenizer = load_tokenizer(job.student)
-    model = load_student(job, device)
-    rows = teacher_router_rows(job, model)
-    autocast = dtype if section.trainable == "full" and dtype != torch.float32 else None
+def _launch(job: DistillJob, out: Path, servers: Servers) -> dict[str, Any]:
+    from .launch import launch_job
 
-    def make_engine(m: Any, total: int) -> LocalEngine:
-        return LocalEngine(m, section.optim, total, device, autocast)
-
-    if job.stage == 1 and job.recipe.stage1.loss == "ce":
-        return run_stage1(job, model, tokenizer, make_engine, on_step)
-    teacher: Teacher
-    if rows is not None:
-        teacher = RouterViewTeacher(model, rows)
-    else:
-        frozen = load_model(job.teacher.path, dtype=dtype, use_zce_mask=job.teacher.masked or None)
-        teacher = ModelTeacher(frozen.to(device))
-    if job.stage == 1:
-        return run_stage1(job, model, tokenizer, make_engine, on_step, teacher)
-    return run_stage2(job, model, teacher, tokenizer, make_engine, on_step)
-
-
-def teacher_router_rows(job: DistillJob, model: Any) -> dict[str, torch.Tensor] | None:
-    """Router-only training: the original router rows, kept beside the run so the teacher needs no copy.
-
-    Valid only while every stage so far trained the router alone (the body is then still the original's).
-    """
-    if stage_section(job).trainable != "router":
-        return None
-    student = Path(job.student)
-    if (student / TEACHER_ROUTER_FILE).exists():
-        rows = load_router_rows(student / TEACHER_ROUTER_FILE)
-    elif job.teacher.masked and Path(job.teacher.path).resolve() == student.resolve():
-        rows = original_router_rows(model)  # the student is the untrained injection
-    else:
-        return None
-    save_router_rows(rows, Path(job.out) / TEACHER_ROUTER_FILE)
-    return rows
+    return launch_job(job, out, servers)

@@ -10,15 +10,12 @@ from typing import Any
 import torch
 
 from ..recipes import Stage2Section
-from ..runtime.zeda_dynamic_moe import RouterSpec, RoutingRecorder, RoutingTally
-from .data import load_prompt_records, micro_batches
-from .engines import Engine, EngineFactory
-from .generation import Sampler, student_sampler
+from .data import SequenceBatch, load_prompt_records, micro_batches, sequence_batch, special_ids, tokenize_prompts
+from .engines import EngineFactory
+from .generation import Sampler, SamplingSettings, Servers, generator
 from .job import DistillJob
-from .loop import StageLoop, StepCallback
-from .losses import GroupBalance, full_reverse_kl_loss, position_weights, sampled_reverse_kl_loss, token_logprobs
-from .rollout import tokenize_prompts
-from .sampling import SamplingSettings, SequenceBatch, sequence_batch, special_ids
+from .loop import MicroSteps, StageLoop, StepCallback
+from .losses import full_reverse_kl_loss, position_weights, sampled_reverse_kl_loss, token_logprobs
 from .teachers import Teacher
 
 
@@ -31,25 +28,30 @@ def stage2_prompts(job: DistillJob, tokenizer: Any) -> list[list[int]]:
 def run_stage2(
     job: DistillJob,
     model: Any,
-    teacher: Teacher,
     tokenizer: Any,
     make_engine: EngineFactory,
+    teacher: Teacher | None,
+    servers: Servers,
     on_step: StepCallback | None = None,
+    world: int = 1,
 ) -> dict[str, Any]:
     s2 = job.recipe.stage2
+    assert teacher is not None, "stage 2 scores its samples with the teacher"
     prompts = stage2_prompts(job, tokenizer)
     loop = StageLoop.begin(job, make_engine(model, s2.steps), s2.steps, on_step)
-    sampler = student_sampler(job, loop.engine, tokenizer, prompts)
-    sampler.sync(loop.engine.module)  # the engine starts from the weights training starts (or resumes) from
+    sampler = generator(job.recipe).student_sampler(job, loop.engine, tokenizer, prompts, servers)
+    sampler.sync(
+        loop.engine.module, loop.start
+    )  # the server starts from the weights training starts (or resumes) from
+    pad, _ = special_ids(tokenizer, loop.engine.module)
     for step in loop.steps():
         began = time.perf_counter()
         chosen = [prompts[(step * s2.prompts_per_step + j) % len(prompts)] for j in range(s2.prompts_per_step)]
         rank, world = loop.engine.rank, loop.engine.world_size
         mine = [p for p in chosen[rank::world] for _ in range(s2.samples_per_prompt)]
-        seed = s2.seed + step * 1000
-        record = _opd_step(loop.engine, teacher, tokenizer, mine, job, loop.balance, loop.spec, sampler, seed)
+        record = _opd_step(loop.micro_step(), teacher, pad, mine, s2, sampler, s2.seed + step * 1000)
         if step + 1 < loop.total:  # the next step samples from the updated weights
-            record["sync_s"] = round(sampler.sync(loop.engine.module), 4)
+            record["sync_s"] = round(sampler.sync(loop.engine.module, step + 1), 4)
         loop.end_step(step, record, began)
     return loop.finish()
 
@@ -78,58 +80,29 @@ def opd_loss(
 
 
 def _opd_step(
-    engine: Engine,
+    micro: MicroSteps,
     teacher: Teacher,
-    tokenizer: Any,
+    pad: int,
     prompts: list[list[int]],
-    job: DistillJob,
-    balance: GroupBalance,
-    spec: RouterSpec,
+    s2: Stage2Section,
     sampler: Sampler,
     seed: int,
 ) -> dict[str, Any]:
-    s2 = job.recipe.stage2
-    pad, _ = special_ids(tokenizer, engine.module)
+    engine = micro.engine
     settings = SamplingSettings(s2.max_new_tokens, s2.temperature, 1.0)
-    sampled = sampler.sample(prompts, settings, seed + engine.rank)
-    responses = [r for r, _ in sampled]
+    responses = [r for r, _ in sampler.sample(prompts, settings, seed + engine.rank)]
     local_tokens = float(sum(len(r) for r in responses))
     # The step's totals as each rank counts them (ranks' gradients are averaged, not summed).
     tokens = max(engine.all_reduce_sum(local_tokens), 1.0) / engine.world_size
     samples = engine.all_reduce_sum(float(len(responses))) / engine.world_size
-    stats = RoutingTally(spec.num_experts)
-    totals = {"loss": 0.0, "kl": 0.0, "aux": 0.0}
     all_tokens = sum(len(p) + len(r) for p, r in zip(prompts, responses, strict=True))
     for idx in micro_batches(list(range(len(prompts))), s2.micro_batch_size):
         batch = sequence_batch([prompts[i] for i in idx], [responses[i] for i in idx], pad).to(engine.device)
         token_mask = batch.attention_mask.flatten().bool()
         t_logits = teacher.logits(batch)
-        with RoutingRecorder(engine.module, keep_logits=True) as rec:
-            s_logits = engine.forward(
-                input_ids=batch.input_ids,
-                attention_mask=batch.attention_mask,
-                position_ids=batch.position_ids,
-                use_cache=False,
-            ).logits
-        kl_loss, kl_estimate = opd_loss(s_logits, t_logits, batch, s2, tokens, samples)
+        out, rec = micro.forward(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                 position_ids=batch.position_ids)  # fmt: skip
+        kl_loss, kl_estimate = opd_loss(out.logits, t_logits, batch, s2, tokens, samples)
         share = float(token_mask.sum()) / max(all_tokens, 1)
-        aux = balance.loss([r[1] for r in rec.records], [r[2] for r in rec.records], spec.scoring, token_mask) * share
-        engine.backward(kl_loss + aux)
-        stats.add(rec.records, token_mask)
-        totals["kl"] += kl_estimate
-        totals["loss"] += float(kl_loss.detach() + aux.detach())
-        totals["aux"] += float(aux.detach())
-    grad_norm = engine.step()
-    zero = engine.all_reduce_sum(float(sum(stats.skipped.values())))
-    slots = engine.all_reduce_sum(float(sum(stats.slots.values())))
-    mean = {k: engine.all_reduce_sum(v) / engine.world_size for k, v in totals.items()}
-    return {
-        "loss": round(mean["loss"], 6),
-        "kl": round(mean["kl"], 6),
-        "aux": round(mean["aux"], 6),
-        "zero_share": round(zero / max(slots, 1.0), 4),
-        "zero_share_per_layer": {k: round(v, 4) for k, v in stats.per_layer().items()},
-        "grad_norm": round(grad_norm, 4),
-        "response_tokens": int(local_tokens),
-        "step_tokens": int(all_tokens),
-    }
+        micro.backward(kl_loss, rec, token_mask, share, {"kl": kl_estimate})
+    return {**micro.record(engine.step()), "response_tokens": int(local_tokens), "step_tokens": int(all_tokens)}

@@ -1,9 +1,10 @@
-"""The frozen teacher of stage 2, behind one small interface.
+"""The frozen teacher, behind one small interface, and the one place that decides which a stage gets.
 
 * ``ModelTeacher``: a separate frozen model (the original static model, or an injected one loaded with its zero
-  experts masked, which is exactly the original).
-* ``RouterViewTeacher``: for ``--trainable router``, the student itself with its original router rows swapped in
-  and zero experts masked: identical to the original (the rest of the weights never change), no second copy.
+  experts masked, which is exactly the original), built by the backend (one process, ZeRO-3 inference, FSDP2).
+* ``RouterViewTeacher``: while every stage so far trained the router alone, the student itself with its original
+  router rows viewed in (``ZeroExpertRouter.view_rows``) and zero experts masked: identical to the original (the
+  rest of the weights never changed), no second copy, under every backend (the view never writes a parameter).
 """
 
 from __future__ import annotations
@@ -16,17 +17,22 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from ..runtime.zeda_dynamic_moe import routers, zero_experts_masked
-from .sampling import SequenceBatch
+from ..runtime.zeda_dynamic_moe import routers
+from .data import SequenceBatch
+
+TEACHER_ROUTER_FILE = "teacher_router.pt"
 
 
 class Teacher(Protocol):
     def logits(self, batch: SequenceBatch) -> torch.Tensor: ...
 
 
-def _forward(model: Any, batch: SequenceBatch) -> torch.Tensor:
+def forward_logits(model: Any, batch: SequenceBatch) -> torch.Tensor:
     return model(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        use_cache=False,
     ).logits
 
 
@@ -38,12 +44,20 @@ class ModelTeacher:
 
     @torch.no_grad()
     def logits(self, batch: SequenceBatch) -> torch.Tensor:
-        return _forward(self.model, batch)
+        return forward_logits(self.model, batch)
 
 
-def original_router_rows(model: nn.Module) -> dict[str, torch.Tensor]:
-    """First N rows of every router: the original (static) router, as long as they have not been trained."""
-    return {name: r.weight.detach()[: r.spec.num_experts].clone() for name, r in routers(model)}
+def original_router_rows(model: nn.Module, full_state: Any = None) -> dict[str, torch.Tensor]:
+    """First N rows of every router: the original (static) router, as long as they have not been trained.
+    ``full_state`` (a backend's) gathers a sharded router's full weight (small: N x hidden per layer)."""
+    out = {}
+    for name, r in routers(model):
+        if full_state is None:
+            out[name] = r.weight.detach()[: r.spec.num_experts].clone()
+            continue
+        with full_state(r) as tensors:
+            out[name] = tensors["weight"].detach()[: r.spec.num_experts].clone()
+    return out
 
 
 def save_router_rows(rows: dict[str, torch.Tensor], path: Path) -> None:
@@ -56,26 +70,21 @@ def load_router_rows(path: Path) -> dict[str, torch.Tensor]:
 
 @contextmanager
 def original_router_view(model: nn.Module, rows: dict[str, torch.Tensor]) -> Iterator[None]:
-    """Temporarily route like the original model: original rows in, zero experts masked; restored on exit."""
-    saved = {}
-    with torch.no_grad():
-        for name, router in routers(model):
-            n = router.spec.num_experts
-            saved[name] = router.weight[:n].clone()
-            router.weight[:n].copy_(rows[name].to(router.weight.device, router.weight.dtype))
+    """Route like the original model while active: original rows viewed in, zero experts masked."""
+    found = routers(model)
+    for name, router in found:
+        router.view_rows = rows[name]
     try:
-        with zero_experts_masked(model):
-            yield
+        yield
     finally:
-        with torch.no_grad():
-            for name, router in routers(model):
-                router.weight[: router.spec.num_experts].copy_(saved[name])
+        for _, router in found:
+            router.view_rows = None
 
 
 class RouterViewTeacher:
-    def __init__(self, student: nn.Module, rows: dict[str, torch.Tensor]):
+    def __init__(self, student: nn.Module, rows: dict[str, torch.Tensor], device: torch.device):
         self.student = student
-        self.rows = rows
+        self.rows = {k: v.to(device, torch.float32) for k, v in rows.items()}
 
     @torch.no_grad()
     def logits(self, batch: SequenceBatch) -> torch.Tensor:
@@ -83,6 +92,35 @@ class RouterViewTeacher:
         self.student.eval()
         try:
             with original_router_view(self.student, self.rows):
-                return _forward(self.student, batch)
+                return forward_logits(self.student, batch)
         finally:
             self.student.train(was_training)
+
+
+def teacher_router_rows(job: Any, model: nn.Module, full_state: Any = None) -> dict[str, torch.Tensor] | None:
+    """Router-only training: the original router rows, kept beside the run so the teacher needs no copy.
+
+    Valid only while every stage so far trained the router alone (the body is then still the original's); written
+    to the stage folder by rank 0 only.
+    """
+    if job.section.trainable != "router":
+        return None
+    student = Path(job.student)
+    if (student / TEACHER_ROUTER_FILE).exists():
+        return load_router_rows(student / TEACHER_ROUTER_FILE)
+    if job.teacher.masked and Path(job.teacher.path).resolve() == student.resolve():
+        return original_router_rows(model, full_state)  # the student is the untrained injection
+    return None
+
+
+def choose_teacher(job: Any, student: nn.Module, backend: Any) -> Teacher | None:
+    """The teacher of this stage: none when it needs none, else the router view of the student when that is
+    exactly the original, else a separate frozen model the backend loads."""
+    rows = teacher_router_rows(job, student, backend.full_state)
+    if rows is not None and backend.rank == 0:  # the next router-only stage views the original through it too
+        save_router_rows(rows, Path(job.out) / TEACHER_ROUTER_FILE)
+    if not job.needs_teacher:
+        return None
+    if rows is not None:
+        return RouterViewTeacher(student, rows, backend.device)
+    return backend.load_teacher(job.teacher.path, job.teacher.masked)

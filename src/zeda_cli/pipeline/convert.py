@@ -124,8 +124,7 @@ class StageRunners:
         teacher = TeacherSpec(path=r.teacher, masked=False) if r.teacher else default_teacher(self._folder("inject"))
         item.folder.mkdir(parents=True, exist_ok=True)
         with self.output.progress() as progress:
-            summary = generate_rollouts(teacher, r.data, r.rollout, r.runtime, item.folder / ROLLOUTS_FILE,
-                                        progress=progress, generation=r.generation)  # fmt: skip
+            summary = generate_rollouts(teacher, r, item.folder / ROLLOUTS_FILE, progress=progress)
         write_rollout_manifest(item.folder, summary, {"rollout": r.rollout.model_dump(mode="json")})
         return {"prompts": summary.prompts, "mean_response_tokens": round(summary.mean_response_tokens, 1)}
 

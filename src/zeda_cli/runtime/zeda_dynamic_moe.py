@@ -99,6 +99,9 @@ class ZeroExpertRouter(nn.Module):
         self.hidden_dim = hidden_size
         self.zero_expert_bias = float(zero_expert_bias)
         self.mask_zero_experts = bool(mask)
+        # A plain tensor of N rows that, while set, replaces the first N rows of ``weight`` with zero experts masked:
+        # the original static router, viewed without touching the (possibly sharded or partitioned) parameter.
+        self.view_rows: torch.Tensor | None = None
         self.weight = nn.Parameter(torch.zeros(spec.total_experts, hidden_size, device=device, dtype=dtype))
         if spec.correction_bias:
             bias = torch.zeros(spec.total_experts, dtype=torch.float32, device=device)
@@ -112,13 +115,15 @@ class ZeroExpertRouter(nn.Module):
         spec = self.spec
         x = hidden_states.reshape(-1, self.hidden_dim)
         # Masked: score only the N real rows, exactly as the static router did (bit-identical outputs).
-        rows = spec.num_experts if self.mask_zero_experts else spec.total_experts
+        masked = self.mask_zero_experts or self.view_rows is not None
+        rows = spec.num_experts if masked else spec.total_experts
+        weight = self.weight[:rows] if self.view_rows is None else self.view_rows
         if spec.scoring == "softmax":
             # Same dtype: a no-op (bit-exact with the static router). Training keeps routers in fp32 (as official).
-            logits = F.linear(x.to(self.weight.dtype), self.weight[:rows])
+            logits = F.linear(x.to(weight.dtype), weight)
         else:
-            logits = F.linear(x.float(), self.weight[:rows].float())
-        if self.zero_expert_bias and not self.mask_zero_experts:
+            logits = F.linear(x.float(), weight.float())
+        if self.zero_expert_bias and not masked:
             shift = torch.zeros(rows, dtype=logits.dtype, device=logits.device)
             shift[spec.num_experts :] = self.zero_expert_bias
             logits = logits + shift
@@ -126,7 +131,7 @@ class ZeroExpertRouter(nn.Module):
             weights, ids = self._softmax_topk(logits)
         else:
             weights, ids = self._sigmoid_topk(logits, rows)
-        if self.mask_zero_experts and spec.num_zero_experts:
+        if masked and spec.num_zero_experts:
             logits = torch.cat([logits, logits.new_full((logits.shape[0], spec.num_zero_experts), float("-inf"))], 1)
         return logits, weights, ids
 

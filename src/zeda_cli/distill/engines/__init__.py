@@ -1,12 +1,16 @@
-"""Training engines behind one contract, :class:`Engine`: the stage loops only ever call what it lists, so the same
-loop runs in one process (:mod:`.local`) or on N DeepSpeed ZeRO ranks (:mod:`.deepspeed`). A new backend (FSDP2,
-say) is one more module implementing it.
+"""Training backends behind two contracts: a :class:`Backend` sets up the process and builds the student, its frozen
+teacher and the :class:`Engine` that trains it; the stage loops only ever call what ``Engine`` lists. The same
+process assembly (``distill.process``) and the same loops run in one process (:mod:`.local`), on DeepSpeed ZeRO
+ranks (:mod:`.deepspeed`) or on FSDP2 (+ expert-parallel) ranks built by transformers (:mod:`.fsdp2`); a backend is
+one module with one ``BACKEND`` entry in :data:`BACKENDS`.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -26,7 +30,8 @@ class Engine(Protocol):
       the update at the accumulation boundary inside it (DeepSpeed does).
     * ``step()`` ends the optimizer step: afterwards the update has been applied exactly once, the learning-rate
       schedule has advanced and the gradients are cleared. Returns the global gradient norm (before clipping).
-    * ``all_reduce_sum`` / ``barrier`` are collectives over the ranks (no-ops in one process); ``rank`` 0 writes.
+    * ``all_reduce_sum`` / ``all_reduce_sums`` / ``barrier`` are collectives over the ranks (no-ops in one
+      process); ``rank`` 0 writes.
     * ``save_resume`` / ``load_resume`` write and read everything a resumed run needs (trainable weights,
       optimizer, schedule) in a folder; ``save_pretrained`` writes the full model, every rank calling it.
     """
@@ -41,6 +46,7 @@ class Engine(Protocol):
     def step(self) -> float: ...
     def current_lr(self) -> float: ...
     def all_reduce_sum(self, value: float) -> float: ...
+    def all_reduce_sums(self, values: list[float]) -> list[float]: ...
     def barrier(self) -> None: ...
     def save_resume(self, folder: Path) -> None: ...
     def load_resume(self, folder: Path) -> None: ...
@@ -48,6 +54,42 @@ class Engine(Protocol):
 
 
 EngineFactory = Callable[[Any, int], Engine]  # (student model, total optimizer steps) -> engine
+
+
+class Backend(Protocol):
+    """How a training process is set up (built from the job at the start of the process).
+
+    * ``load_student(job)`` loads the student and puts it in training form (``distill.student.prepare_student``).
+    * ``load_teacher(path, masked)`` loads a separate frozen teacher (no gradients, no optimizer state).
+    * ``make_engine(model, total_steps)`` wraps the student for training.
+    * ``full_state(module)`` yields the module's full parameters and buffers by local name while active (gathered
+      from their shards; a collective where weights are sharded: every rank calls it).
+    """
+
+    name: str
+    rank: int
+    world_size: int
+    device: torch.device
+
+    def load_student(self, job: Any) -> nn.Module: ...
+    def load_teacher(self, path: str, masked: bool) -> Any: ...
+    def make_engine(self, model: Any, total_steps: int) -> Engine: ...
+    def full_state(self, module: nn.Module) -> AbstractContextManager[dict[str, torch.Tensor]]: ...
+
+
+def collective_timeout_s(recipe: Any) -> int:
+    """How long a rank waits in a collective: ``distributed.timeout_s``, else long enough for rank 0 to wait out a
+    whole generation request (``generation.request_timeout_s``, e.g. 32k-token stage-2 samples) twice over."""
+    return recipe.distributed.timeout_s or max(1800, 2 * recipe.generation.request_timeout_s)
+
+
+BACKENDS = {"none": ".local", "deepspeed": ".deepspeed", "fsdp2": ".fsdp2"}  # distributed.kind -> its module
+
+
+def backend_for(job: Any) -> Backend:
+    """Set up this process for ``job`` with the backend its recipe names (``distributed.kind``)."""
+    module = importlib.import_module(BACKENDS[job.recipe.distributed.kind], __name__)
+    return module.BACKEND(job)
 
 
 def lr_multiplier(optim: OptimSection, total_steps: int) -> Callable[[int], float]:

@@ -1,21 +1,35 @@
-"""DeepSpeed ZeRO engines for the student (with optimizer) and the frozen teacher (inference, partitioned).
+"""DeepSpeed ZeRO: the backend of every rank started by the launcher, the student engine (with optimizer) and the
+frozen teacher (inference, partitioned).
 
-Runs inside every rank started by the launcher. Models are loaded while an ``HfDeepSpeedConfig`` is alive, so
-``from_pretrained`` builds them under ``zero.Init`` and each rank only ever holds its partition; MoE blocks are
-ZeRO-3 leaf modules (all of a block's parameters are gathered together, whatever experts its tokens chose); the
-final weights are the consolidated 16-bit state dict, written by rank 0 through ``save_pretrained``.
+Models are loaded while an ``HfDeepSpeedConfig`` is alive, so ``from_pretrained`` builds them under ``zero.Init``
+and each rank only ever holds its partition; MoE blocks are ZeRO-3 leaf modules (all of a block's parameters are
+gathered together, whatever experts its tokens chose); the final weights are the consolidated 16-bit state dict,
+written by rank 0 through ``save_pretrained``. DeepSpeed's bf16 mode casts every parameter, routers included, to
+bf16 for compute (fp32 master copies live in its optimizer), so routers are not kept in fp32 here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import datetime
+import json
+import math
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
+from ...errors import BadInputError
+from ...io.sources import read_config_json
 from ...recipes import OptimSection
-from . import lr_multiplier, param_groups
+from ...runtime.loading import load_model
+from ..precision import precision
+from ..student import prepare_student
+from . import collective_timeout_s, lr_multiplier, param_groups
 
 DS_TAG = "deepspeed"
 
@@ -116,9 +130,12 @@ class DeepSpeedEngine:
         return float(self.scheduler.get_last_lr()[0])
 
     def all_reduce_sum(self, value: float) -> float:
-        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        return self.all_reduce_sums([value])[0]
+
+    def all_reduce_sums(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
         self._dist.all_reduce(t)
-        return float(t.item())
+        return t.tolist()
 
     def barrier(self) -> None:
         self._dist.barrier()
@@ -158,3 +175,90 @@ class DeepSpeedTeacher:
         return self.engine(
             input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids
         ).logits
+
+
+def load_deepspeed_config(path: str) -> dict[str, Any]:
+    file = Path(path).expanduser()
+    fix = "pass a DeepSpeed JSON config, e.g. recipes/deepspeed/zero3.json"
+    if not file.exists():
+        raise BadInputError(f"DeepSpeed config {path} does not exist", expected="a JSON file", fix=fix)
+    try:
+        config = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise BadInputError(f"DeepSpeed config {path} is not valid JSON ({err.msg})", fix=fix) from err
+    stage = config.get("zero_optimization", {}).get("stage", 0) if isinstance(config, dict) else None
+    if not isinstance(config, dict) or stage not in (0, 1, 2, 3):
+        raise BadInputError(
+            f"DeepSpeed config {path} has zero_optimization.stage={stage!r}", expected="0, 1, 2 or 3", fix=fix
+        )
+    return config
+
+
+def batch_geometry(job: Any, world: int) -> tuple[int, int]:
+    """(micro batch, accumulation steps) per rank; every rank must run the same number of micro-batches."""
+    per_rank = job.sequences_per_rank(world)
+    micro = min(job.section.micro_batch_size, per_rank)
+    return micro, math.ceil(per_rank / micro)
+
+
+class DeepSpeedBackend:
+    """One rank of a ZeRO run (process group, device and DeepSpeed config set up from the job)."""
+
+    name = "deepspeed"
+
+    def __init__(self, job: Any):
+        import deepspeed
+        import torch.distributed as dist
+        from deepspeed.accelerator import get_accelerator
+
+        timeout = datetime.timedelta(seconds=collective_timeout_s(job.recipe))
+        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), timeout=timeout)
+        get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        self.job, self.rank, self.world_size = job, dist.get_rank(), dist.get_world_size()
+        job.check_split(self.world_size)
+        self.device = torch.device(get_accelerator().current_device_name())
+        user = load_deepspeed_config(job.recipe.distributed.deepspeed) if job.recipe.distributed.deepspeed else {}
+        self.precision = precision(job.recipe, job.section.trainable, self.device.type, deepspeed=user)
+        user.setdefault("zero_optimization", {"stage": 3})
+        if self.precision.compute == torch.bfloat16 and "bf16" not in user:
+            user["bf16"] = {"enabled": True}
+        micro, accumulation = batch_geometry(job, self.world_size)
+        self.config = student_config(user, job.section.optim, micro, accumulation, self.world_size)
+        self.block = read_config_json(Path(job.student))["zeda"]["router"]["block_class"]
+        self._alive: list[Any] = []  # HfDeepSpeedConfig objects: models load partitioned while they live
+
+    def load_student(self, job: Any) -> nn.Module:
+        self._alive.append(hf_deepspeed_config(self.config))
+        model = load_model(job.student, dtype=self.precision.compute, use_zce_mask=False,
+                           experts_implementation=job.recipe.runtime.experts_implementation)  # fmt: skip
+        model = prepare_student(model, job.section, fp32_routers=False)
+        if job.section.trainable == "router":
+            # ZeRO-3 reduces a leaf module's gradients in a full backward hook, which fires too early (before the
+            # router's weight gradient exists) when none of the block's inputs requires a gradient, as with a
+            # frozen body upstream of the first router. Inputs that require gradients make it fire at the right time.
+            model.enable_input_require_grads()
+        return model
+
+    def load_teacher(self, path: str, masked: bool) -> DeepSpeedTeacher:
+        config = teacher_config(self.config)
+        self._alive.append(hf_deepspeed_config(config))  # the teacher loads partitioned too
+        frozen = load_model(path, dtype=self.precision.frozen, use_zce_mask=masked or None,
+                            experts_implementation=self.job.recipe.runtime.experts_implementation)  # fmt: skip
+        return DeepSpeedTeacher(frozen, config, self.block)
+
+    def make_engine(self, model: Any, total_steps: int) -> DeepSpeedEngine:
+        return DeepSpeedEngine(model, self.job.section.optim, total_steps, self.config, self.block)
+
+    @contextlib.contextmanager
+    def full_state(self, module: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+        params = list(module.parameters())
+        if params and hasattr(params[0], "ds_id"):  # ZeRO-3 partitions: gathered on every rank while active
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(params):
+                yield {**dict(module.named_parameters()), **dict(module.named_buffers())}
+        else:
+            yield {**dict(module.named_parameters()), **dict(module.named_buffers())}
+
+
+BACKEND = DeepSpeedBackend

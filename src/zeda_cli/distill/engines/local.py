@@ -1,8 +1,10 @@
-"""One process, one device: the :class:`~zeda_cli.distill.engines.Engine` contract with plain torch."""
+"""One process, one device: the :class:`~zeda_cli.distill.engines.Backend` and ``Engine`` contracts with plain
+torch (fp32 master weights, optional bf16 autocast of the forward)."""
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +12,10 @@ import torch
 from torch import nn
 
 from ...recipes import OptimSection
+from ...runtime.loading import load_model, resolve_device
+from ..precision import precision
+from ..student import prepare_student
+from ..teachers import ModelTeacher
 from . import lr_multiplier, param_groups
 
 RESUME_FILE = "state.pt"
@@ -67,6 +73,9 @@ class LocalEngine:
     def all_reduce_sum(self, value: float) -> float:
         return value
 
+    def all_reduce_sums(self, values: list[float]) -> list[float]:
+        return list(values)
+
     def barrier(self) -> None:
         return None
 
@@ -88,3 +97,42 @@ class LocalEngine:
 
     def save_pretrained(self, folder: Path, max_shard_size: str) -> None:
         self.module.save_pretrained(folder, max_shard_size=max_shard_size)
+
+
+@contextlib.contextmanager
+def module_state(module: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+    """A module's parameters and buffers by local name (already whole in one process)."""
+    yield {**dict(module.named_parameters()), **dict(module.named_buffers())}
+
+
+class LocalBackend:
+    """The stage in this process, on ``runtime.device``."""
+
+    name = "none"
+    rank = 0
+    world_size = 1
+
+    def __init__(self, job: Any):
+        self.job = job
+        self.device = resolve_device(job.recipe.runtime.device)
+        self.precision = precision(job.recipe, job.section.trainable, self.device.type)
+
+    def load_student(self, job: Any) -> nn.Module:
+        runtime = job.recipe.runtime
+        model = load_model(job.student, dtype=self.precision.master, use_zce_mask=False,
+                           experts_implementation=runtime.experts_implementation)  # fmt: skip
+        return prepare_student(model, job.section).to(self.device)
+
+    def load_teacher(self, path: str, masked: bool) -> ModelTeacher:
+        model = load_model(path, dtype=self.precision.frozen, use_zce_mask=masked or None,
+                           experts_implementation=self.job.recipe.runtime.experts_implementation)  # fmt: skip
+        return ModelTeacher(model.to(self.device))
+
+    def make_engine(self, model: Any, total_steps: int) -> LocalEngine:
+        return LocalEngine(model, self.job.section.optim, total_steps, self.device, self.precision.autocast)
+
+    def full_state(self, module: nn.Module) -> contextlib.AbstractContextManager[dict[str, torch.Tensor]]:
+        return module_state(module)
+
+
+BACKEND = LocalBackend

