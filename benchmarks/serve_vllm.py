@@ -16,6 +16,10 @@ Wall time and process CPU time are both kept (on a shared machine CPU time is fa
     .venv-vllm/bin/python benchmarks/serve_vllm.py            # full run (bf16, torch.compile), ~15 min on 2 cores
                                                               # (needs ~18 GB RAM: both engines are loaded at once)
     .venv-vllm/bin/python benchmarks/serve_vllm.py --quick    # tiny shapes, eager, ~1-2 min (exercised by the tests)
+
+On a CUDA GPU (scripts/gpu_check.sh) the same command runs with vLLM's defaults there: torch.compile and CUDA graphs,
+which zeda-vllm captures piecewise around its skipping op; both engines share the GPU (``--gpu-memory-utilization``
+0.4 each) and the JSON goes to benchmarks/results/serve-vllm-gpu.json.
 """
 
 from __future__ import annotations
@@ -196,12 +200,21 @@ def _dynamic_config(config: dict[str, Any], shape: Shape) -> dict[str, Any]:
 
 
 # --- engines and timing -----------------------------------------------------------------------------------------
+def on_cuda() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cuda_alike()
+
+
 def make_engine(folder: Path, args: argparse.Namespace, max_len: int) -> Any:
     from vllm import LLM
 
+    memory = {"gpu_memory_utilization": args.gpu_memory_utilization} if args.gpu_memory_utilization else {}
     return LLM(
         str(folder),
         dtype=args.dtype,
+        worker_extension_cls="zeda_vllm.worker.ZedaWorkerExtension",  # reads the graph settings the worker uses
+        **memory,
         skip_tokenizer_init=True,
         enforce_eager=args.enforce_eager,
         max_model_len=max_len,
@@ -324,9 +337,11 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
         t["static_tokens_per_s"] = tokens_per_run[name] / _median(t["static_s"])
         t["dynamic_tokens_per_s"] = tokens_per_run[name] / _median(t["dynamic_s"])
         t["zero_share"] = shares[name]
+    graphs = engines["dynamic"].collective_rpc("zeda_compilation_info")[0]
     del engines
     gc.collect()
     return {
+        "compilation": graphs,
         "shape": asdict(shape),
         "params": shape.params(),
         "workload": asdict(work),
@@ -349,6 +364,7 @@ def machine(args: argparse.Namespace) -> dict[str, Any]:
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
     return {
         "cpu": cpu,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "logical_cpus": os.cpu_count(),
         "torch": torch.__version__,
         "vllm": vllm.__version__,
@@ -373,7 +389,8 @@ def print_table(result: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes, eager, few repeats (the tests run it)")
-    parser.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/serve-vllm-cpu[-quick].json)")
+    parser.add_argument("--out", type=Path,
+                        help="JSON path (default benchmarks/results/serve-vllm-{cpu,gpu}[-quick].json)")  # fmt: skip
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--batch", type=int, default=None, help="decode batch (default 16)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
@@ -382,12 +399,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--enforce-eager", action="store_true", help="no torch.compile (default: vLLM's default)")
     parser.add_argument("--workdir", default="/tmp/zeda-serve-vllm", help="where the model folders are written")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=None,
+                        help="per engine (two share the device); default 0.4 on a GPU, vLLM's on CPU")  # fmt: skip
     args = parser.parse_args(argv)
+    device = "gpu" if on_cuda() else "cpu"
+    if device == "gpu" and args.gpu_memory_utilization is None:
+        args.gpu_memory_utilization = 0.4
     if args.quick:
         args.enforce_eager = True
         args.workdir = args.workdir.rstrip("/") + "-quick"
     args.repeats = args.repeats or (2 if args.quick else 7)
-    out = args.out or RESULTS / f"serve-vllm-cpu{'-quick' if args.quick else ''}.json"
+    out = args.out or RESULTS / f"serve-vllm-{device}{'-quick' if args.quick else ''}.json"
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)

@@ -3,7 +3,9 @@ step hands exactly the real pairs to the kernel, and bad folders or serving setu
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -12,13 +14,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integrations" / "vllm" / "src"))
 
-from zeda_vllm import checks  # noqa: E402
+from zeda_vllm import checks, engine  # noqa: E402
 from zeda_vllm.errors import ZedaVllmError  # noqa: E402
 from zeda_vllm.families import BY_ARCHITECTURE  # noqa: E402
 from zeda_vllm.families import FAMILIES as VLLM_FAMILIES  # noqa: E402
 from zeda_vllm.routing import select_experts, zero_expert_shift  # noqa: E402
 from zeda_vllm.skip import RoutingStats, skip_zero_experts  # noqa: E402
 from zeda_vllm.spec import ZeroExpertSpec  # noqa: E402
+from zeda_vllm.weights import RouterTensorCheck, expand_fused_experts  # noqa: E402
 
 from tiny_models import FAMILIES, tiny_config  # noqa: E402
 from zeda_cli.architectures import get_adapter  # noqa: E402
@@ -89,7 +92,12 @@ def test_routing_is_bit_identical_to_zeda_runtime(name, mode):
     bias = torch.rand(spec.total_experts, generator=g) * 0.1 if spec.correction_bias else None
     x = torch.randn(64, 32, generator=g)
     shift = zero_expert_shift(spec, torch.float32)
-    weights, ids = select_experts(torch.nn.functional.linear(x, weight), shift, bias, spec)
+    # the same logits on both sides (each engine's GEMM computes them; a GEMM over the N real rows, as zeda's masked
+    # router does, may round differently from one over N+Z): the routing rule on them is what must be identical
+    rows = spec.num_experts if mode == "masked" else spec.total_experts
+    logits = torch.nn.functional.linear(x, weight[:rows])
+    weights, ids = select_experts(torch.cat([logits, logits.new_zeros(64, spec.total_experts - rows)], 1), shift,
+                                  bias, spec)  # fmt: skip
     _, ref_weights, ref_ids = _zeda_router(spec, weight, bias)(x)
     assert torch.equal(ids, ref_ids) and torch.equal(weights, ref_weights)
     zero_share = float((ids >= spec.num_experts).float().mean())
@@ -151,12 +159,15 @@ def test_group_limited_routing_needs_n_plus_z_divisible_by_n_group():
     assert "n_group=2" in line and "N+Z=11" in line
 
 
-def test_parallel_serving_is_refused_with_one_line():
-    checks.check_parallelism(tensor=1, pipeline=1, data=1, expert=False, eplb=False)
-    for kwargs in (dict(tensor=2), dict(pipeline=2), dict(data=2), dict(expert=True), dict(eplb=True)):
-        args = dict(tensor=1, pipeline=1, data=1, expert=False, eplb=False) | kwargs
-        line = _error_line(checks.check_parallelism, **args)
-        assert "single rank" in line
+def test_tensor_parallelism_is_served_and_expert_data_pipeline_parallelism_are_refused_with_the_reason():
+    base = dict(tensor=1, pipeline=1, data=1, expert=False, eplb=False)
+    for tensor in (1, 2, 4):
+        checks.check_parallelism(**base | {"tensor": tensor})
+    for kwargs in (dict(data=2), dict(expert=True), dict(eplb=True)):
+        line = _error_line(checks.check_parallelism, **base | kwargs)
+        assert "outside vLLM's all-to-all dispatch" in line and "--tensor-parallel-size" in line, line
+    line = _error_line(checks.check_parallelism, **base | {"pipeline": 2})
+    assert "pipeline stages have not been run" in line, line
 
 
 def test_cuda_graphs_are_refused_unless_split_at_the_skipping_op():
@@ -164,7 +175,108 @@ def test_cuda_graphs_are_refused_unless_split_at_the_skipping_op():
     checks.check_cuda_graphs("PIECEWISE", ["vllm::unified_attention_with_output", "zeda_vllm::routed_experts"])
     for mode, ops in [("FULL_AND_PIECEWISE", []), ("PIECEWISE", ["vllm::unified_attention_with_output"]),
                       ("FULL", ["zeda_vllm::routed_experts"]), ("FULL_DECODE_ONLY", [])]:  # fmt: skip
-        assert "--enforce-eager" in _error_line(checks.check_cuda_graphs, mode, ops)
+        line = _error_line(checks.check_cuda_graphs, mode, ops)
+        assert "--enforce-eager" in line and f"mode {mode}" in line, line
+        why = "full CUDA graph captures the whole forward pass" if "FULL" in mode else "must be split at"
+        assert why in line, line
+
+
+def test_unset_cuda_graph_mode_becomes_piecewise_split_at_the_skipping_op():
+    op = "zeda_vllm::routed_experts"
+    # vLLM's default at -O2/-O3 (FULL_AND_PIECEWISE) becomes PIECEWISE; -O1 (PIECEWISE) and -O0 (NONE) stay
+    assert checks.piecewise_defaults(None, None, "FULL_AND_PIECEWISE", False) == ("PIECEWISE", None)
+    assert checks.piecewise_defaults(None, None, "PIECEWISE", False) == (None, None)
+    assert checks.piecewise_defaults(None, None, "NONE", False) == (None, None)
+    assert checks.piecewise_defaults(None, None, "FULL_AND_PIECEWISE", True) == (None, None)  # --enforce-eager
+    # an explicit splitting list gets the op; an unset one is vLLM's to fill (the model appends the op when built)
+    assert checks.piecewise_defaults("PIECEWISE", ["a::b"], "FULL_AND_PIECEWISE", False) == (None, ["a::b", op])
+    assert checks.piecewise_defaults("PIECEWISE", ["a::b", op], "FULL_AND_PIECEWISE", False) == (None, None)
+    assert checks.with_skipping_split("PIECEWISE", ["vllm::unified_attention_with_output"]) == [
+        "vllm::unified_attention_with_output", op]  # fmt: skip
+    assert checks.with_skipping_split("PIECEWISE", [op]) is None
+    assert checks.with_skipping_split("NONE", []) is None
+
+
+def test_mla_latents_vllm_cpu_cannot_decode_are_refused_with_one_line():
+    checks.check_cpu_mla_latent("Glm4MoeLitePlusPlusForCausalLM", 512, 64, [576])
+    line = _error_line(checks.check_cpu_mla_latent, "Glm4MoeLitePlusPlusForCausalLM", 16, 8, [576])
+    assert "kv_lora_rank 16 + qk_rope_head_dim 8 = 24 on vLLM-CPU" in line and "[576]" in line, line
+
+
+def test_fused_expert_tensors_become_per_expert_checkpoint_names():
+    g = torch.Generator().manual_seed(0)
+    gate_up, down, other = torch.randn(3, 8, 5, generator=g), torch.randn(3, 5, 4, generator=g), torch.randn(2)
+    weights = [("model.layers.1.mlp.experts.gate_up_proj", gate_up), ("model.layers.1.mlp.experts.down_proj", down),
+               ("model.layers.1.mlp.gate.weight", other)]  # fmt: skip
+    out = dict(expand_fused_experts(weights, BY_ARCHITECTURE["Qwen3MoePlusPlusForCausalLM"]))
+    assert len(out) == 3 * 3 + 1 and torch.equal(out["model.layers.1.mlp.gate.weight"], other)
+    for e in range(3):
+        assert torch.equal(out[f"model.layers.1.mlp.experts.{e}.gate_proj.weight"], gate_up[e, :4])
+        assert torch.equal(out[f"model.layers.1.mlp.experts.{e}.up_proj.weight"], gate_up[e, 4:])
+        assert torch.equal(out[f"model.layers.1.mlp.experts.{e}.down_proj.weight"], down[e])
+    # Mixtral: transformers 5 calls the block "mlp", checkpoints (and vLLM) "block_sparse_moe" with w1/w3/w2
+    out = dict(expand_fused_experts(weights[:2], BY_ARCHITECTURE["MixtralPlusPlusForCausalLM"]))
+    assert torch.equal(out["model.layers.1.block_sparse_moe.experts.2.w1.weight"], gate_up[2, :4])
+    assert torch.equal(out["model.layers.1.block_sparse_moe.experts.2.w3.weight"], gate_up[2, 4:])
+    assert torch.equal(out["model.layers.1.block_sparse_moe.experts.2.w2.weight"], down[2])
+    # per-expert names and 2-D tensors pass through
+    single = [("model.layers.1.mlp.experts.0.gate_proj.weight", gate_up[0])]
+    assert list(expand_fused_experts(single, BY_ARCHITECTURE["Qwen3MoePlusPlusForCausalLM"])) == single
+
+
+def test_in_place_loads_take_any_subset_of_router_tensors():
+    family = BY_ARCHITECTURE["Glm4MoeLitePlusPlusForCausalLM"]
+    spec = ZeroExpertSpec.from_config(_dynamic_config("glm4_moe_lite", zeda_section=False), family)
+    rows = spec.total_experts
+    weight_only = [("model.layers.1.mlp.gate.weight", torch.zeros(rows, 32))]
+    both = weight_only + [("model.layers.2.mlp.gate.e_score_correction_bias", torch.zeros(rows))]
+    for weights in (weight_only, both):
+        check = RouterTensorCheck(family, spec, [1, 2], reloading=True)
+        assert len(list(check.watch(weights))) == len(weights)
+        check.finish()  # a subset of layers, a weight without its bias: the rest keeps its current values
+    check = RouterTensorCheck(family, spec, [1, 2])  # loading a folder: every router and bias must be there
+    list(check.watch(both))
+    assert "no router weight" in _error_line(check.finish)
+    check = RouterTensorCheck(family, spec, [1, 2], reloading=True)  # shapes are still checked
+    assert "has shape [8, 32]" in _error_line(lambda: list(check.watch([("model.layers.1.mlp.gate.weight",
+                                                                          torch.zeros(8, 32))])))  # fmt: skip
+
+
+def test_the_engine_notices_a_dead_zombie_reused_or_lost_parent(tmp_path):
+    import subprocess
+
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        state, started = engine._proc_stat(child.pid)
+        assert not engine.parent_gone(child.pid, started, was_parent=False)
+        assert engine.parent_gone(child.pid, "1", was_parent=False)  # another process under the same pid
+        child.kill()
+        for _ in range(100):  # killed, not yet reaped: a zombie
+            if engine._proc_stat(child.pid)[0] == "Z":
+                break
+            time.sleep(0.05)
+        assert engine.parent_gone(child.pid, started, was_parent=False)
+    finally:
+        child.kill()
+        child.wait()
+    assert engine.parent_gone(child.pid, started, was_parent=False)  # reaped: no such process
+    parent = os.getppid()
+    assert not engine.parent_gone(parent, engine._proc_stat(parent)[1], was_parent=True)
+    assert engine.parent_gone(os.getpid(), engine._proc_stat(os.getpid())[1], was_parent=True)  # not our parent
+
+
+def test_tensor_parallel_ranks_get_disjoint_cores(monkeypatch):
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 5})
+    engine.bind_cpu_threads(2)
+    assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "0,1|2,3"
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "7|8")
+    engine.bind_cpu_threads(2)  # the user's binding is kept
+    assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "7|8"
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND")
+    with pytest.raises(engine.StartupError, match="needs at least 2 CPU cores"):
+        engine.bind_cpu_threads(2)
 
 
 def test_float16_deepseek_and_quantized_checkpoints_are_refused():

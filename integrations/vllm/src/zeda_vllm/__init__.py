@@ -15,11 +15,13 @@ def register() -> None:
 
     from . import configs
     from .families import FAMILIES
+    from .hooks import register_config_hooks
 
     for family in FAMILIES:
         AutoConfig.register(family.dynamic_model_type, getattr(configs, family.config_class_name), exist_ok=True)
         # Lazy "module:Class": the model modules import vLLM's model code only in the process that builds the model.
         ModelRegistry.register_model(family.architecture, f"{family.model_module}:{family.architecture}")
+    register_config_hooks()  # CUDA graphs: piecewise, split at the plugin's op (zeda_vllm.hooks)
     init_logger("vllm.zeda_vllm").info(
         "zeda-vllm %s plugin loaded: ZEDA zero-expert architectures %s",
         __version__,

@@ -21,8 +21,11 @@ class Family:
     normalize_attr: str | None = "norm_topk_prob"  # None: the family always renormalises the top-k weights
     weights_in_logits_dtype: bool = True  # softmax routers cast the top-k weights back to the logits dtype
     shared_experts: tuple[str, ...] = ()  # children of the block whose output is added for every token
-    block_names: tuple[str, ...] = ("mlp",)  # the block's attribute name in a decoder layer (checkpoint and vLLM)
+    # the block's attribute name in a decoder layer (checkpoint and vLLM); the first is the one checkpoints use
+    block_names: tuple[str, ...] = ("mlp",)
     mla: bool = False  # multi-head latent attention (DeepSeek-style)
+    # per-expert checkpoint names of the routed experts' (gate, up, down) projections: ``...experts.E.<name>.weight``
+    expert_weights: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
 
     @property
     def dynamic_model_type(self) -> str:
@@ -77,6 +80,7 @@ MIXTRAL = Family(
     normalize_attr=None,
     weights_in_logits_dtype=False,
     block_names=("block_sparse_moe", "mlp"),
+    expert_weights=("w1", "w3", "w2"),
 )
 OLMOE = Family(
     architecture="OlmoePlusPlusForCausalLM",

@@ -13,7 +13,7 @@ from .checks import check_serving_setup, cpu_mla_rope_warning
 from .families import Family
 from .moe import ZeroExpertMoE, make_dynamic
 from .spec import ZeroExpertSpec
-from .weights import RouterTensorCheck
+from .weights import RouterTensorCheck, expand_fused_experts
 
 # A child of vLLM's logger, so the lines appear with vLLM's own (the "vllm" logger holds the handler).
 logger = init_logger("vllm.zeda_vllm")
@@ -28,7 +28,7 @@ class ZeroExpertCausalLM:
     def __init__(self, *, vllm_config: Any, prefix: str = "", **kwargs: Any):
         family = self.zeda_family
         spec = ZeroExpertSpec.from_config(vllm_config.model_config.hf_config, family)
-        check_serving_setup(vllm_config, family)
+        check_serving_setup(vllm_config, family, current_platform.is_cpu())
         super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
         self.zeda_spec = spec
         self.zeda_blocks: list[ZeroExpertMoE] = make_dynamic(self, family, spec, vllm_config)
@@ -47,8 +47,13 @@ class ZeroExpertCausalLM:
             logger.warning(warning)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        check = RouterTensorCheck(self.zeda_family, self.zeda_spec, (b.layer_index for b in self.zeda_blocks))
-        loaded = super().load_weights(check.watch(weights))
+        """vLLM's loading of checkpoint-named tensors (also what its in-place reload calls, then with the layers'
+        tensors on the meta device: any subset of modules may come), with the router tensors checked and
+        transformers-5 fused expert tensors (``...experts.gate_up_proj`` / ``down_proj``) taken as well."""
+        reloading = self.zeda_blocks[0].gate.weight.is_meta
+        layers = (b.layer_index for b in self.zeda_blocks)
+        check = RouterTensorCheck(self.zeda_family, self.zeda_spec, layers, reloading=reloading)
+        loaded = super().load_weights(check.watch(expand_fused_experts(weights, self.zeda_family)))
         check.finish()
         return loaded
 

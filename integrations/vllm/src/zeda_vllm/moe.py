@@ -1,5 +1,9 @@
 """The dynamic MoE block: the stock vLLM block's experts and shared experts, a router over N+Z experts, zero slots
 skipped. Built from a constructed stock block, so weight names, the expert weights and their kernel stay vLLM's own.
+
+Under tensor parallelism vLLM shards every expert (and the shared experts) along its intermediate dimension: each
+rank routes the same tokens the same way (the router is replicated), computes its share of the same real pairs, and
+the block all-reduces the sum of routed and shared output, as vLLM's own MoE runner does.
 """
 
 from __future__ import annotations
@@ -9,7 +13,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from vllm.model_executor.layers.linear import ReplicatedLinear
+from vllm.distributed import tensor_model_parallel_all_reduce
+from vllm.model_executor.layers.linear import ReplicatedLinear, RowParallelLinear
 
 from .checks import check_experts_kernel
 from .errors import ZedaVllmError
@@ -65,6 +70,7 @@ class ZeroExpertMoE(nn.Module):
             )
         self.spec = spec
         self.stats = RoutingStats()
+        self.tp_size = int(runner.moe_config.tp_size)
         self.layer_name = runner.layer_name.removesuffix(".experts")
         dtype = vllm_config.model_config.dtype
         gate = ZeroExpertGate(runner.moe_config.hidden_dim, spec, dtype, prefix=f"{self.layer_name}.gate")
@@ -73,6 +79,10 @@ class ZeroExpertMoE(nn.Module):
         if getattr(runner, "gate", None) is not None:
             runner.gate = self.gate  # one router object; the runner's own forward is never called
         self._shared = tuple(getattr(self, n) for n in family.shared_experts if getattr(self, n, None) is not None)
+        if self.tp_size > 1:
+            _check_shared_experts_are_partial(self._shared, family)
+        redo_expert_processing_on_update(runner.routed_experts)
+        self._checked_kernel = False
         registry = vllm_config.compilation_config.static_forward_context
         if self.layer_name in registry:
             raise ValueError(f"duplicate layer name {self.layer_name}")
@@ -87,12 +97,24 @@ class ZeroExpertMoE(nn.Module):
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
         weights, ids = self.gate(x)
-        out = torch.ops.zeda_vllm.routed_experts(x, weights, ids, self.layer_name)
+        out = torch.empty_like(x)
+        torch.ops.zeda_vllm.routed_experts(x, weights, ids, out, self.layer_name)
         for shared in self._shared:
             out = out + shared(x)
+        if self.tp_size > 1:  # every rank holds a 1/tp slice of each expert's (and shared expert's) intermediate dim
+            out = tensor_model_parallel_all_reduce(out)
         return out.view(shape)
 
     def run_routed_experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        if not self._checked_kernel:  # the kernel exists once weights are loaded; the op always runs eagerly
+            kernel = self.experts.routed_experts.quant_method.moe_kernel
+            if self.tp_size > 1 and kernel is not None and kernel.output_is_reduced():
+                raise ZedaVllmError(
+                    f"the MoE kernel {type(kernel.fused_experts).__name__} reduces its output across ranks",
+                    expected="a kernel whose partial output the block all-reduces (no expert-parallel combine)",
+                    fix="serve with tensor_parallel_size 1 or another --kernel-config.moe_backend",
+                )
+            self._checked_kernel = True
         return skip_zero_experts(x, weights, ids, self.spec.num_experts, self._kernel, self.stats)
 
     def _kernel(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -100,6 +122,51 @@ class ZeroExpertMoE(nn.Module):
         out = self.experts.routed_experts.forward_modular(x=x, topk_weights=weights.float(), topk_ids=ids.int())
         assert isinstance(out, torch.Tensor), type(out)
         return out
+
+
+def _check_shared_experts_are_partial(shared: tuple[nn.Module, ...], family: Family) -> None:
+    """The block all-reduces routed + shared output once; a shared expert that reduced its own output would be
+    counted tp times. vLLM 0.32 builds them with ``reduce_results=False`` for its runner, which reduces the sum."""
+    for module in shared:
+        for name, sub in module.named_modules():
+            if isinstance(sub, RowParallelLinear) and sub.reduce_results:
+                raise ZedaVllmError(
+                    f"the shared expert {name or type(module).__name__} of {family.vllm_block} all-reduces its own "
+                    "output under tensor parallelism",
+                    expected="shared experts built with reduce_results=False (the stock vLLM 0.32 layout)",
+                    fix="use the vLLM version zeda-vllm was tested with, or tensor_parallel_size 1",
+                )
+
+
+def redo_expert_processing_on_update(experts: Any) -> None:
+    """vLLM 0.32 runs an expert kernel's own post-load processing only on the first load: on an in-place update
+    (``moe_kernel`` already built) ``UnquantizedFusedMoEMethod._setup_kernel`` copies the new checkpoint-layout
+    weights over the kernel-layout ones and skips ``fused_experts.process_weights_after_loading``. On CPU that step
+    pads the intermediate dimension and repacks ``w13``/``w2`` for ``cpu_fused_moe``, so an update left the experts
+    holding unpacked numbers in packed storage (log-probs off by up to ~11 after a full-parameter sync). Wrapped here:
+    after an update the kernel's processing runs again on the freshly loaded checkpoint-layout weights, exactly as on
+    the first load; vLLM's layerwise reload then copies the result into the live tensors."""
+    from vllm.model_executor.layers.fused_moe.oracle.unquantized import UnquantizedMoeBackend
+    from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
+    from vllm.model_executor.utils import is_weights_pre_processed
+
+    method = experts.quant_method
+    if not isinstance(method, UnquantizedFusedMoEMethod) or getattr(method, "_zeda_update_fix", False):
+        return
+    stock = method.process_weights_after_loading
+
+    def process_weights_after_loading(layer: Any) -> None:
+        updating = method.moe_kernel is not None
+        stock(layer)
+        kernel = method.moe_kernel
+        if kernel is None:
+            return
+        skipped = (UnquantizedMoeBackend.TPU, UnquantizedMoeBackend.OOT)  # stock returns before _setup_kernel
+        if updating and method.unquantized_backend not in skipped and not is_weights_pre_processed():
+            kernel.fused_experts.process_weights_after_loading(layer)
+
+    method.process_weights_after_loading = process_weights_after_loading
+    method._zeda_update_fix = True
 
 
 def make_dynamic(model: nn.Module, family: Family, spec: ZeroExpertSpec, vllm_config: Any) -> list[ZeroExpertMoE]:

@@ -1,8 +1,11 @@
 """The one data-dependent step, as a custom op: drop zero-expert (token, slot) pairs before the fused-MoE kernel.
 
-``torch.ops.zeda_vllm.routed_experts`` is opaque to torch.compile (its fake returns an empty tensor of the input's
-shape), so vLLM's compiled graph never sees the data-dependent number of real pairs; at run time the op looks its MoE
-block up by name in vLLM's forward context, the registry vLLM's own attention and MoE ops use.
+``torch.ops.zeda_vllm.routed_experts`` is opaque to torch.compile, so vLLM's compiled graph never sees the
+data-dependent number of real pairs; at run time the op looks its MoE block up by name in vLLM's forward context, the
+registry vLLM's own attention and MoE ops use. Like vLLM's attention ops (``unified_attention_with_output``) it writes
+into an ``output`` buffer its caller allocated instead of returning a new tensor: under piecewise CUDA graphs the op
+runs eagerly between captured pieces (the plugin puts it into ``splitting_ops``), and the piece after it reads the
+buffer at the address it was captured with.
 
 The real pairs are compacted into a top-1 problem for the stock kernel and summed back per token, so zero slots cost
 no expert FLOPs. When a batch has no zero slot (e.g. ``use_zce_mask``), the stock call runs unchanged.
@@ -68,16 +71,22 @@ def skip_zero_experts(
     return torch.zeros_like(x).index_put_((token_idx,), pair_out.to(x.dtype), accumulate=True)
 
 
-@torch.library.custom_op(OP_NAME, mutates_args=())
+@torch.library.custom_op(OP_NAME, mutates_args=("output",))
 def routed_experts(
-    hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, layer_name: str
-) -> torch.Tensor:
+    hidden_states: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    output: torch.Tensor,
+    layer_name: str,
+) -> None:
     from vllm.forward_context import get_forward_context
 
     block = get_forward_context().no_compile_layers[layer_name]
-    return block.run_routed_experts(hidden_states, topk_weights, topk_ids)
+    output.copy_(block.run_routed_experts(hidden_states, topk_weights, topk_ids))
 
 
 @routed_experts.register_fake
-def _(hidden_states: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, layer_name: str) -> torch.Tensor:
-    return torch.empty_like(hidden_states)
+def _(
+    hidden_states: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, output: torch.Tensor, layer_name: str
+) -> None:
+    return None

@@ -1,5 +1,6 @@
-"""Checks of the router tensors while vLLM streams a checkpoint in: one clear error for a folder whose routers do not
-have the N+Z rows its config declares, or whose sigmoid routers lack their correction bias."""
+"""Checkpoint tensors on their way into vLLM: one clear error for a folder whose routers do not have the N+Z rows its
+config declares, or whose sigmoid routers lack their correction bias; and transformers-5 fused expert tensors turned
+into the per-expert checkpoint names vLLM's MoE loaders take."""
 
 from __future__ import annotations
 
@@ -14,8 +15,12 @@ from .spec import ZeroExpertSpec
 
 
 class RouterTensorCheck:
-    def __init__(self, family: Family, spec: ZeroExpertSpec, moe_layers: Iterable[int]):
-        self.family, self.spec = family, spec
+    """Watches the router tensors of a load. ``reloading``: an in-place load of some modules into a live model, where
+    any subset of layers may come (the others keep their weights) and a sigmoid router's ``weight`` and
+    ``e_score_correction_bias`` may come together or apart; only shapes are checked then."""
+
+    def __init__(self, family: Family, spec: ZeroExpertSpec, moe_layers: Iterable[int], reloading: bool = False):
+        self.family, self.spec, self.reloading = family, spec, reloading
         self.layers = set(moe_layers)
         names = "|".join(re.escape(n) for n in family.block_names)
         self._pattern = re.compile(rf"(?:^|\.)layers\.(\d+)\.(?:{names})\.gate\.(weight|e_score_correction_bias)$")
@@ -48,6 +53,8 @@ class RouterTensorCheck:
         )
 
     def finish(self) -> None:
+        if self.reloading:
+            return
         missing = sorted(self.layers - self.seen["weight"])
         if missing:
             raise ZedaVllmError(
@@ -65,3 +72,41 @@ class RouterTensorCheck:
                 fix="export the folder with zeda (it widens the bias with the router rows), or copy the static "
                 f"model's bias and append {self.spec.num_zero_experts} entries",
             )
+
+
+def fused_expert_pattern(family: Family) -> re.Pattern[str]:
+    blocks = "|".join(re.escape(n) for n in family.block_names)
+    return re.compile(rf"^(?P<layer>(?:.*\.)?layers\.\d+)\.(?:{blocks})\.experts\.(?P<kind>gate_up_proj|down_proj)$")
+
+
+def expand_fused_experts(
+    weights: Iterable[tuple[str, torch.Tensor]], family: Family
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """transformers 5 keeps a layer's routed experts as two 3-D tensors, ``...experts.gate_up_proj`` [E, 2I, H]
+    (gate rows first, then up) and ``...experts.down_proj`` [E, H, I]; checkpoints on disk (and what
+    ``revert_weight_conversion`` gives) name every expert, ``...experts.E.gate_proj.weight`` [I, H] etc. (Mixtral:
+    ``block_sparse_moe.experts.E.w1/w3/w2.weight``). The fused tensors are yielded under those per-expert names;
+    everything else passes through unchanged."""
+    pattern = fused_expert_pattern(family)
+    gate, up, down = family.expert_weights
+    block = family.block_names[0]
+    for name, tensor in weights:
+        match = pattern.match(name)
+        if match is None or tensor.dim() != 3:
+            yield name, tensor
+            continue
+        prefix = f"{match['layer']}.{block}.experts"
+        if match["kind"] == "down_proj":
+            for e in range(tensor.shape[0]):
+                yield f"{prefix}.{e}.{down}.weight", tensor[e]
+            continue
+        if tensor.shape[1] % 2:
+            raise ZedaVllmError(
+                f"fused expert tensor {name} has shape {list(tensor.shape)}",
+                expected="[experts, 2 x intermediate, hidden] (gate rows, then up rows)",
+                fix="send the per-expert checkpoint tensors (transformers' revert_weight_conversion)",
+            )
+        half = tensor.shape[1] // 2
+        for e in range(tensor.shape[0]):
+            yield f"{prefix}.{e}.{gate}.weight", tensor[e, :half]
+            yield f"{prefix}.{e}.{up}.weight", tensor[e, half:]
