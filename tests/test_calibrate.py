@@ -59,7 +59,7 @@ def test_bad_inputs(tmp_path, halves):
     calibration, _ = halves
     masked = inject_zero_experts(str(BUNDLED), tmp_path / "masked", zero=ZeroExpertsSection(init="masked")).out
     cases = [
-        ([str(BUNDLED), "--target-skip", "0.5"], EXIT_UNSUPPORTED, "not a local dynamic model folder"),
+        ([str(BUNDLED), "--target-skip", "0.5"], EXIT_UNSUPPORTED, "is a static model"),
         ([str(masked), "--target-skip", "1.5"], EXIT_BAD_INPUT, "(0, 1)"),
         ([str(masked), "--target-skip", "0.5"], EXIT_BAD_INPUT, "use_zce_mask"),
     ]

@@ -63,8 +63,19 @@ def test_kill_9_mid_stage_1_then_resume(small):
     checkpointed = int(next((out / "checkpoints").glob("step-*")).name.split("-")[1])
     rollouts_before = (out / "rollouts.jsonl").read_text()
 
-    result = runner.invoke(app, [*_stage1_args(inject, out, prompts), "--resume", "--json", "-q"])
+    # A new learning rate (or target) would train something else than the run that was interrupted: refused, the
+    # changed keys named, nothing touched.
+    refused = runner.invoke(app, [*_stage1_args(inject, out, prompts), "--resume", "--set", "stage1.optim.lr=2e-3",
+                                  "--set", "balance.target_skip=0.4"])  # fmt: skip
+    [err] = [line for line in refused.stderr.splitlines() if line.startswith("Error:")]
+    assert refused.exit_code == EXIT_BAD_INPUT, refused.output
+    assert "stage1.optim.lr 0.001 -> 0.002" in err and "balance.target_skip 0.5 -> 0.4" in err and "--overwrite" in err
+    assert _metrics(out) == before
+    # How often it checkpoints does not change what is trained: applied and said.
+    result = runner.invoke(app, [*_stage1_args(inject, out, prompts), "--resume", "--set", "stage1.save_every=4",
+                                 "--json"])  # fmt: skip
     assert result.exit_code == 0, result.output
+    assert "resume: stage1.save_every 3 -> 4 applied" in result.stderr
     after = _metrics(out)
     assert [r["step"] for r in after] == list(range(1, STEPS + 1))  # every step once, none twice
     assert after[:checkpointed] == before[:checkpointed]  # finished steps were not redone
@@ -74,7 +85,8 @@ def test_kill_9_mid_stage_1_then_resume(small):
     ids = [json.loads(line)["id"] for line in rollouts_before.splitlines()]
     assert sorted(ids) == list(range(48))
     again = runner.invoke(app, [*_stage1_args(inject, out, prompts), "--resume"])
-    assert again.exit_code == 0 and "nothing to do" in again.stderr
+    assert again.exit_code == 0 and "nothing to do" in again.stderr, again.output
+    assert json.loads((out / "job.json").read_text())["recipe"]["stage1"]["save_every"] == 4
 
 
 def test_interrupted_rollout_file_resumes_without_duplicates(small, tmp_path):

@@ -34,11 +34,16 @@ def calibrate_folder(
     if not 0.0 < target_skip < 1.0:
         raise BadInputError(f"--target-skip {target_skip}", expected="a share in (0, 1)", fix="e.g. 0.5")
     ref = resolve_model(folder)
-    if ref.source.repo_id is not None or not ref.rc.dynamic:
+    if ref.source.repo_id is not None:
+        raise BadInputError(
+            f"{folder} is a Hub id", expected="a local folder (calibrate rewrites its config and card)",
+            fix="download the model (huggingface-cli download) and pass its folder",
+        )  # fmt: skip
+    if not ref.rc.dynamic:
         raise UnsupportedModelError(
-            f"{folder} is not a local dynamic model folder",
+            f"{folder} is a static model",
             expected="the output of zeda inject-zero-experts / distill / export (or an official ZEDA checkpoint)",
-            fix="download the model and pass its folder; static models have no zero experts to calibrate",
+            fix="static models have no zero experts to calibrate: convert it first",
         )
     if ref.rc.use_zce_mask:
         raise BadInputError(

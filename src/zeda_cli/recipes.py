@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from .errors import BadInputError, ZedaError, raise_all
 
@@ -98,6 +98,10 @@ class DataSection(Section):
     max_prompts: PositiveInt | None = None
     chat_template: bool = True  # apply the tokenizer's chat template when it has one
     shuffle_seed: int = 0
+    # Rollouts you already have (a file or a Hub dataset of prompt + response records, e.g. a released stage-1 set):
+    # stage 1 trains on them instead of generating teacher rollouts (distill.rollout_import).
+    rollouts: str | None = None
+    rollouts_files: str | None = None  # for a Hub dataset: which data file(s) of the repo
 
 
 class RolloutSection(Section):
@@ -145,6 +149,9 @@ class Stage2Section(TrainCommon):
     temperature: Annotated[float, Field(gt=0.0)] = 1.0
     max_new_tokens: PositiveInt = 1024
     loss: Literal["sampled", "full"] = "sampled"
+    # trainer: a frozen teacher in the training processes scores every sample; engine: the static teacher's vLLM
+    # server scores them (prompt log-probs) and the trainer holds no teacher (the sampled loss needs no more)
+    teacher_logprobs: Annotated[Literal["trainer", "engine"], Field(**expected("trainer or engine"))] = "trainer"
     # sample: mean over each sample's response tokens, then over samples (official); token: over all tokens
     reduction: Literal["sample", "token"] = "sample"
     kl_chunk_size: PositiveInt = 1024
@@ -171,6 +178,7 @@ class DistributedSection(Section):
     master_addr: str = "127.0.0.1"  # the rendezvous host (node 0) when nnodes > 1
     master_port: Annotated[int, Field(gt=0, lt=65536)] | None = None  # default: a free port (one node only)
     timeout_s: PositiveInt | None = None  # collective timeout; default: derived from generation.request_timeout_s
+    devices: list[Annotated[int, Field(ge=0)]] = []  # GPUs of this node the ranks use; [] = the first nproc
 
     @property
     def kind(self) -> str:
@@ -186,6 +194,15 @@ class DistributedSection(Section):
     def launched(self) -> bool:
         """True when the stage runs on ranks started by a launcher (not in the calling process)."""
         return self.kind != "none"
+
+    @model_validator(mode="after")
+    def _devices(self) -> DistributedSection:
+        if self.devices and len(self.devices) != self.nproc:
+            raise FieldProblem(BadInputError(
+                f"distributed.devices {self.devices} for {self.nproc} processes per node",
+                expected="one GPU per process (distributed.nproc entries)",
+                fix="list nproc GPUs, or none"))  # fmt: skip
+        return self
 
     @model_validator(mode="after")
     def _one_process(self) -> DistributedSection:
@@ -308,6 +325,14 @@ class EvalSection(Section):
                  self.min_agreement)  # fmt: skip
         return any(v is not None for v in gates)
 
+    @model_validator(mode="after")
+    def _agreement_measured(self) -> EvalSection:
+        if self.min_agreement is not None and "agreement" not in self.tasks:
+            raise FieldProblem(BadInputError(
+                f"--min-agreement {self.min_agreement} without --tasks agreement",
+                expected="the agreement task measured for its gate", fix="add --tasks agreement"))  # fmt: skip
+        return self
+
     @field_validator("budgets", "tasks", mode="before")
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
@@ -363,6 +388,45 @@ class Recipe(Section):
     eval: EvalSection = EvalSection()
     export: ExportSection = ExportSection()
     push: PushSection = PushSection()
+    # dotted key -> where an explicit value came from ("--target-skip", "--set", "recipe tiny-demo.yaml"); keys
+    # absent here hold their default. Not serialised: it describes this command line, not the settings.
+    _origins: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    def origin(self, key: str) -> str | None:
+        """Where the value of dotted ``key`` came from, or None when it is the default."""
+        return self._origins.get(key)
+
+    def value(self, key: str) -> Any:
+        return flat(self.model_dump(mode="json")).get(key)
+
+    def with_values(self, values: dict[str, Any]) -> Recipe:
+        """A copy with dotted keys set (validated again); explicit origins are kept."""
+        data = self.model_dump(mode="json")
+        for key, value in values.items():
+            node = data
+            *parents, last = key.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[last] = value
+        recipe = Recipe.model_validate(data)
+        recipe._origins = dict(self._origins)
+        return recipe
+
+    @model_validator(mode="after")
+    def _teacher_server(self) -> Recipe:
+        s2 = self.stage2
+        if s2.teacher_logprobs == "engine" and s2.loss == "full":
+            raise FieldProblem(BadInputError(
+                "stage2.teacher_logprobs engine with stage2.loss full",
+                expected="stage2.loss sampled: a server returns the log-prob of each sampled token, the exact KL "
+                "needs the teacher's whole distribution", fix="set stage2.loss sampled, or stage2.teacher_logprobs "
+                "trainer"))  # fmt: skip
+        if s2.teacher_logprobs == "engine" and self.generation.engine != "vllm":
+            raise FieldProblem(BadInputError(
+                "stage2.teacher_logprobs engine with generation.engine hf",
+                expected="a vLLM server of the teacher (generation.engine vllm)",
+                fix="set generation.engine vllm, or stage2.teacher_logprobs trainer"))  # fmt: skip
+        return self
 
     @model_validator(mode="after")
     def _check(self) -> Recipe:
@@ -373,6 +437,41 @@ class Recipe(Section):
                 f"({s1.micro_batch_size})"
             )
         return self
+
+
+# --- comparing settings ------------------------------------------------------------------------------------------
+# Keys that change how a stage runs, not what it trains: a resumed stage takes new values of these and lists them.
+HARMLESS = ("stage1.save_every", "stage1.log_every", "stage2.save_every", "stage2.log_every", "generation.vllm_python",
+            "generation.teacher_url", "generation.student_url", "generation.startup_timeout_s",
+            "generation.request_timeout_s", "generation.gpu_memory_utilization", "generation.enforce_eager",
+            "generation.check_every", "generation.sync_bucket_mb", "generation.sync_dir", "generation.devices",
+            "generation.num_engines", "generation.max_model_len", "generation.tensor_parallel_size",
+            "runtime.experts_implementation", "runtime.device", "distributed.timeout_s", "distributed.master_addr",
+            "distributed.master_port", "distributed.node_rank")  # fmt: skip
+# Caps a resumed stage may raise when its learning-rate schedule does not depend on them.
+CAPS = {"stage1.max_steps": "stage1.optim", "stage2.steps": "stage2.optim"}
+
+
+def flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists are values)."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flat(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def changed(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(key, old, new) of every dotted key whose value differs (a key missing on one side counts as None)."""
+    a, b = flat(old), flat(new)
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def describe_changes(changes: list[tuple[str, Any, Any]]) -> str:
+    return ", ".join(f"{key} {old!r} -> {new!r}" for key, old, new in changes)
 
 
 # --- loading -----------------------------------------------------------------------------------------------------
@@ -469,7 +568,8 @@ def _field_error(origin: str, e: dict[str, Any], flags: dict[str, str]) -> ZedaE
     loc = ".".join(str(p) for p in e["loc"])
     problem = e.get("ctx", {}).get("error")
     if isinstance(problem, FieldProblem):
-        return _flag_problem(flags[loc], problem.problem) if loc in flags else _keyed(f"{origin}: {loc}", problem)
+        where = f"{origin}: {loc}" if loc else origin
+        return _flag_problem(flags[loc], problem.problem) if loc in flags else _keyed(where, problem)
     if e["type"] == "extra_forbidden" and loc in RENAMED:
         return _renamed(f"{origin}: {loc}", loc)
     if e["type"] == "extra_forbidden":
@@ -533,6 +633,7 @@ def load_recipe(
     """
     raw: dict[str, Any] = {}
     origin = "recipe"
+    origins: dict[str, str] = {}
     if path is not None:
         file = resolve_recipe_path(path)
         origin = file.name
@@ -544,10 +645,19 @@ def load_recipe(
             raise BadInputError(f"{file} holds a {type(loaded).__name__}", expected="a YAML mapping of sections")
         raw = loaded or {}
         _anchor_paths(raw, file.parent)
-    return validate_recipe(apply_overrides(raw, overrides or [], values), origin, flags)
+        origins = dict.fromkeys(flat(raw), f"recipe {file.name}")
+    for key, value in (values or {}).items():
+        if value is not None:
+            origins[key] = (flags or {}).get(key, key)
+    for text in overrides or []:
+        key = text.partition("=")[0].strip()
+        origins.update({k: "--set" for k in list(origins) if k.startswith(f"{key}.")} | {key: "--set"})
+    recipe = validate_recipe(apply_overrides(raw, overrides or [], values), origin, flags)
+    recipe._origins = origins
+    return recipe
 
 
-_PATH_KEYS = (("model",), ("teacher",), ("data", "prompts"), ("distributed", "deepspeed"))
+_PATH_KEYS = (("model",), ("teacher",), ("data", "prompts"), ("data", "rollouts"), ("distributed", "deepspeed"))
 
 
 def _anchor_paths(raw: dict[str, Any], folder: Path) -> None:

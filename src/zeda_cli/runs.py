@@ -68,7 +68,8 @@ class Manifest(BaseModel):
     @property
     def origin(self) -> dict[str, Any]:
         """The static model the run started from (``Source.describe()``: spec, folder, repo_id, revision): an
-        injection's source, an export's base model, or what a training stage carried over as ``origin``."""
+        injection's source or an export's base model (training stages find it through ``parent``; manifests written
+        before format 2 carried a copy as ``origin``)."""
         value = self.inputs.get(_ORIGIN_KEYS.get(self.stage, "origin"))
         return value if isinstance(value, dict) else {}
 

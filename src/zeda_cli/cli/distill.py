@@ -38,9 +38,14 @@ def distill(
     recipe: RecipeOpt = None,
     set_: SetOpt = None,
     prompts: PromptsOpt = None,
-    rollouts: Annotated[str | None, typer.Option(help="Stage 1: existing teacher rollouts JSONL.")] = None,
+    rollouts: Annotated[
+        str | None,
+        typer.Option(help="Stage 1: rollouts you have (file or Hub dataset; zeda's, prompt/response or messages)."),
+    ] = None,
     teacher: Annotated[str | None, typer.Option(help="Frozen teacher (default: the original, via the run).")] = None,
-    target_skip: Annotated[float | None, typer.Option(help="Target share of slots on zero experts.")] = None,
+    target_skip: Annotated[
+        float | None, typer.Option(help="Target share of slots on zero experts (default: the student's record).")
+    ] = None,
     trainable: Annotated[str | None, typer.Option(help="full (every weight) or router (router rows only).")] = None,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
     steps: Annotated[int | None, typer.Option(help="Optimizer steps (stage 2; stage 1: cap via max_steps).")] = None,
@@ -64,6 +69,8 @@ def distill(
         section = f"stage{stage}"
         r = recipe_from_flags({
             "data.prompts": ("--prompts", prompts),
+            "teacher": ("--teacher", teacher),
+            "data.rollouts": ("--rollouts", rollouts),
             "balance.target_skip": ("--target-skip", target_skip),
             f"{section}.trainable": ("--trainable", trainable),
             f"{section}.optim.lr": ("--lr", lr),
@@ -73,7 +80,7 @@ def distill(
             "distributed.deepspeed": ("--deepspeed", deepspeed),
             "distributed.nproc": ("--nproc", nproc),
         }, recipe, set_)  # fmt: skip
-        summary = run_stage(1 if stage == 1 else 2, student, out, r, output=output, teacher=teacher,
-                            rollouts=rollouts, resume=resume, overwrite=overwrite)  # fmt: skip
+        summary = run_stage(1 if stage == 1 else 2, student, out, r, output=output, resume=resume,
+                            overwrite=overwrite)  # fmt: skip
         rows = [(k, v) for k, v in summary.items() if k not in ("ok", "zero_share_per_layer")]
         output.result(summary, key_value_table(f"zeda distill --stage {stage}", rows))

@@ -132,6 +132,10 @@ def eval_model(
                  "gen_prompts": gen_prompts, "max_new_tokens": max_new_tokens, "limit": limit}  # fmt: skip
         flags = {f"eval.{k}": ("--" + k.replace("_", "-"), v) for k, v in given.items()}
         settings = recipe_from_flags(flags).eval
+        if settings.tasks:
+            from .. import extras
+
+            extras.require("lmeval", "zeda eval --tasks")  # before any model is loaded
         with out.progress() as progress:
             result = run_eval(model, settings, track=lambda items, what: progress.track(items, what), log=out.log)
         out.result(result, _table(result))

@@ -56,7 +56,8 @@ def export(
             "export.dtype": ("--dtype", dtype),
             "export.base_model": ("--base-model", base_model),
         })  # fmt: skip
-        out_.log(f"Verifying {run_dir} (manifest and checksums) ...")
+        if Path(run_dir).is_dir():  # a bad path is one error line, nothing before it
+            out_.log(f"Verifying {run_dir} (manifest and checksums) ...")
         with out_.progress() as progress:
             result = export_run(run_dir, out, settings=recipe.export, overwrite=overwrite, progress=progress)
         data = {

@@ -24,7 +24,7 @@ def inject_zero_experts(
         int | None, typer.Option("--zero-experts", "-z", help="Zero experts Z per MoE layer (default: N/2).")
     ] = None,
     target_skip: Annotated[
-        float, typer.Option(help="Target share of routing slots on zero experts, recorded for distillation.")
+        float, typer.Option(help="Target share of routing slots on zero experts; distill inherits it (and says so).")
     ] = 0.5,
     init: Annotated[
         str,

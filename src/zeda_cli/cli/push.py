@@ -51,7 +51,8 @@ def push(
             "push.create_pr": ("--create-pr", create_pr),
             "push.commit_message": ("--commit-message", commit_message),
         })  # fmt: skip
-        out.log(f"Pushing {folder} to {repo_id} ...")
+        if Path(folder).is_dir():  # a bad path is one error line, nothing before it
+            out.log(f"Pushing {folder} to {repo_id} ...")
         result = push_folder(folder, repo_id, settings=recipe.push, token=token, log=out.log)
         data = {
             "ok": True,

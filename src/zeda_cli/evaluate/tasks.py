@@ -32,6 +32,7 @@ _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "
 def make_lm(model: Any, tokenizer: Any, batch_size: int) -> Any:
     """HFLM around a loaded model object. ``backend="causal"``: a dynamic model's type (``*_plus_plus``) is not in
     transformers' causal-LM name list, which HFLM would otherwise consult."""
+    extras.require("lmeval", "zeda eval --tasks")
     os.environ.setdefault("HF_DATASETS_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "0"))
     from lm_eval.models.huggingface import HFLM
 

@@ -19,7 +19,7 @@ import torch
 from ..architectures import ResolvedConfig, resolve_config
 from ..console import ProgressBar
 from ..errors import BadInputError, UnsupportedModelError, ZedaError, raise_all
-from ..io.reader import DTYPES, Checkpoint, TensorInfo, open_checkpoint
+from ..io.reader import DTYPES, Checkpoint, TensorInfo
 from ..io.sources import copy_top_level_files, read_config_json
 from ..io.writer import OutTensor, WrittenFile, ensure_free_space, parse_size, write_sharded_with_progress
 from ..recipes import ExportSection
@@ -36,6 +36,7 @@ from ..runs import (
     verified_manifest,
     write_manifest,
 )
+from ..runtime.loading import open_weights
 from .card import CardFacts, build_model_card, source_license
 from .formats import FORMATS, ExportFormat
 
@@ -83,7 +84,7 @@ def load_run(run_dir: Path) -> Run:
             expected="a stage output with zero experts (inject-zero-experts or distill)",
             fix="run `zeda inject-zero-experts` (and distillation) first, then export that folder",
         )
-    return Run(run_dir, manifest, rc, open_checkpoint(run_dir), lineage(run_dir, manifest))
+    return Run(run_dir, manifest, rc, open_weights(run_dir), lineage(run_dir, manifest))
 
 
 # --- tensors -----------------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ huggingface_hub; plus the folder-level files every stage reads or copies (``conf
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -25,6 +26,34 @@ class Source:
 
     def describe(self) -> dict[str, Any]:
         return {"spec": self.spec, "folder": str(self.folder), "repo_id": self.repo_id, "revision": self.revision}
+
+    @property
+    def commit(self) -> str | None:
+        """The Hub commit a snapshot folder holds (huggingface_hub names it ``.../snapshots/<commit>``)."""
+        return self.folder.name if self.repo_id and self.folder.parent.name == "snapshots" else None
+
+    def identity(self) -> dict[str, Any]:
+        """What was read, independent of how it was spelled: a Hub repo at its commit; a folder by its real path,
+        the sha256 of its config.json and of its safetensors index and headers (not the tensor bytes)."""
+        if self.repo_id:
+            return {"repo_id": self.repo_id, "commit": self.commit or self.revision}
+        digest = hashlib.sha256()
+        for path in sorted(self.folder.glob("*.safetensors")) + sorted(self.folder.glob("*.safetensors.index.json")):
+            digest.update(path.name.encode())
+            digest.update(_header_bytes(path) if path.suffix == ".safetensors" else path.read_bytes())
+        config = self.folder / "config.json"
+        return {
+            "folder": str(self.folder.resolve()),
+            "config_sha256": hashlib.sha256(config.read_bytes()).hexdigest() if config.exists() else None,
+            "weights_sha256": digest.hexdigest(),
+        }
+
+
+def _header_bytes(path: Path) -> bytes:
+    """A safetensors file's 8-byte length and JSON header: names, dtypes, shapes and offsets of every tensor."""
+    with path.open("rb") as f:
+        head = f.read(8)
+        return head + f.read(int.from_bytes(head, "little")) if len(head) == 8 else head
 
 
 def is_repo_id(spec: str) -> bool:

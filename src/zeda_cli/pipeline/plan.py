@@ -1,8 +1,11 @@
 """``zeda convert``: inspect -> inject -> rollout -> stage1 -> stage2 -> export (-> push), resumable.
 
-Each stage writes its own subfolder of OUT with a manifest. ``OUT/convert.json`` records each stage's fingerprint
-(its settings chained to its upstream's): a rerun skips stages done with the same fingerprint, resumes an
-interrupted one, and refuses to mix outputs made with other settings unless ``--overwrite`` redoes them.
+Each stage writes its own subfolder of OUT with a manifest. ``OUT/convert.json`` records each stage's settings and
+fingerprint (those settings chained to the upstream's, starting from the *resolved* source: a folder's real path
+and content digests, a Hub repo's commit; never its spelling). Settings that only change how a stage runs
+(``recipes.HARMLESS``: logging, checkpoint frequency, server URLs, ...) are not part of it. A rerun skips stages
+done with the same fingerprint, resumes an interrupted one (``distill.resume`` then reconciles the rest), and
+refuses to mix outputs made with other settings, naming each changed key, unless ``--overwrite`` redoes them.
 """
 
 from __future__ import annotations
@@ -19,19 +22,21 @@ from typing import Any
 
 from ..console import Output
 from ..errors import BadInputError, StageFailedError, ZedaError
-from ..recipes import Recipe, dump_recipe
+from ..recipes import HARMLESS, Recipe, describe_changes, dump_recipe, flat
 from ..runs import Manifest, file_record, read_manifest, write_manifest
 
 STAGES = ("inject", "rollout", "stage1", "stage2", "export", "push")
 STATE_FILE = "convert.json"
 _SECTIONS = {
     "inject": ("zero_experts", "balance"),
-    "rollout": ("teacher", "data", "rollout", "runtime"),
-    "stage1": ("balance", "stage1"),
-    "stage2": ("balance", "data", "stage2"),
+    "rollout": ("teacher", "data", "rollout", "runtime", "generation"),
+    "stage1": ("teacher", "balance", "stage1", "runtime"),
+    "stage2": ("teacher", "balance", "data", "stage2", "runtime", "generation"),
     "export": ("export",),
     "push": ("push",),
 }
+_NOT_OUTPUT = ("zero_experts.max_shard_size", "stage1.gradient_checkpointing", "stage2.gradient_checkpointing",
+               "stage1.micro_batch_size", "stage2.micro_batch_size", "rollout.batch_size")  # fmt: skip
 
 
 @dataclass
@@ -40,6 +45,7 @@ class PlanItem:
     folder: Path
     fingerprint: str
     status: str = "run"  # done | resume | run
+    settings: dict[str, Any] = field(default_factory=dict)
     estimate: dict[str, Any] | None = None
     seconds: float | None = None
     result: dict[str, Any] = field(default_factory=dict)
@@ -61,12 +67,22 @@ def selected_stages(first: str | None, last: str | None, push: bool) -> list[str
     return stages[start:end]
 
 
-def fingerprints(model: str, recipe: Recipe) -> dict[str, str]:
-    """Each stage's settings, chained: a change upstream changes every later fingerprint."""
+def stage_settings(source: dict[str, Any], recipe: Recipe) -> dict[str, dict[str, Any]]:
+    """Each stage's settings that shape its output (dotted keys; how-it-runs keys left out), the source first."""
     data = recipe.model_dump(mode="json")
-    previous, out = model, {}
+    out: dict[str, dict[str, Any]] = {}
     for stage in STAGES:
-        payload = json.dumps({"up": previous, **{s: data.get(s) for s in _SECTIONS[stage]}}, sort_keys=True)
+        settings = flat({s: data.get(s) for s in _SECTIONS[stage]})
+        out[stage] = {k: v for k, v in settings.items() if k not in HARMLESS and k not in _NOT_OUTPUT}
+    out["inject"] = {**{f"source.{k}": v for k, v in source.items()}, **out["inject"]}
+    return out
+
+
+def fingerprints(settings: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """Each stage's settings, chained: a change upstream changes every later fingerprint."""
+    previous, out = "", {}
+    for stage in STAGES:
+        payload = json.dumps({"up": previous, **settings[stage]}, sort_keys=True)
         previous = out[stage] = hashlib.sha256(payload.encode()).hexdigest()[:16]
     return out
 
@@ -96,26 +112,27 @@ def stage_done(out: Path, stage: str, state: dict[str, Any], fingerprint: str) -
     return bool(manifest and manifest.done)
 
 
-def plan(out: Path, model: str, recipe: Recipe, stages: list[str], overwrite: bool) -> list[PlanItem]:
-    state, prints = read_state(out), fingerprints(model, recipe)
+def plan(out: Path, source: dict[str, Any], recipe: Recipe, stages: list[str], overwrite: bool) -> list[PlanItem]:
+    state, settings = read_state(out), stage_settings(source, recipe)
+    prints = fingerprints(settings)
     items = []
     for stage in stages:
-        item = PlanItem(stage, folder_of(out, stage), prints[stage])
-        recorded = state["stages"].get(stage, {}).get("fingerprint")
+        item = PlanItem(stage, folder_of(out, stage), prints[stage], settings=settings[stage])
+        recorded = state["stages"].get(stage, {})
         if overwrite:
             item.status = "run"
         elif stage_done(out, stage, state, prints[stage]):
             item.status = "done"
-        elif recorded == prints[stage]:
+        elif recorded.get("fingerprint") == prints[stage]:
             item.status = "resume"
-        elif recorded is not None or (stage != "push" and item.folder.exists() and any(item.folder.iterdir())):
+        elif recorded or (stage != "push" and item.folder.exists() and any(item.folder.iterdir())):
             raise BadInputError(
-                f"{item.folder} was made by a run with other settings or another model",
+                f"{item.folder} was made by a run with other settings or another model" + _what_changed(state, stage,
+                                                                                                      settings),
                 expected=f"the settings that produced it (stage {stage})",
                 fix="pass --overwrite to redo this stage and the ones after it, or choose another --out",
-            )
+            )  # fmt: skip
         items.append(item)
-    first_run = next((i for i in items if i.status != "done"), None)
     for upstream in STAGES[: STAGES.index(stages[0])]:
         if upstream != "push" and not stage_done(out, upstream, state, prints[upstream]):
             raise BadInputError(
@@ -123,20 +140,29 @@ def plan(out: Path, model: str, recipe: Recipe, stages: list[str], overwrite: bo
                 expected="every earlier stage finished with the same settings",
                 fix=f"run without --from (or --from {upstream})",
             )
-    if first_run is not None:  # stages after one that reruns must rerun too
-        later = items[items.index(first_run) + 1 :]
-        for item in later:
-            if item.status == "done" and overwrite:
-                item.status = "run"
     return items
+
+
+def _what_changed(state: dict[str, Any], stage: str, settings: dict[str, dict[str, Any]]) -> str:
+    """``: stage1.optim.lr 0.001 -> 0.002, ...``: the first stage (up to this one) whose recorded settings differ."""
+    for name in STAGES[: STAGES.index(stage) + 1]:
+        recorded = state["stages"].get(name, {}).get("settings")
+        if recorded is None:
+            continue
+        changes = [(k, recorded.get(k), v) for k, v in settings[name].items() if recorded.get(k) != v]
+        changes += [(k, v, None) for k, v in recorded.items() if k not in settings[name]]
+        if changes:
+            return f" ({name}: {describe_changes(changes)})"
+    return ""
 
 
 Runner = Callable[[PlanItem], dict[str, Any]]  # runs one stage into item.folder; returns its summary
 
 
-def execute(items: list[PlanItem], out: Path, model: str, recipe: Recipe, runners: dict[str, Runner], output: Output):
+def execute(items: list[PlanItem], out: Path, source: dict[str, Any], recipe: Recipe, runners: dict[str, Runner],
+            output: Output) -> None:  # fmt: skip
     state = read_state(out)
-    state.update(model=model, recipe_sha256=hashlib.sha256(dump_recipe(recipe).encode()).hexdigest())
+    state.update(source=source, recipe_sha256=hashlib.sha256(dump_recipe(recipe).encode()).hexdigest())
     (out / "recipe.yaml").write_text(dump_recipe(recipe))
     for item in items:
         if item.status == "done":
@@ -145,7 +171,7 @@ def execute(items: list[PlanItem], out: Path, model: str, recipe: Recipe, runner
         if item.status == "run" and item.stage != "push" and item.folder.exists():
             shutil.rmtree(item.folder)
         output.log(f"[{item.stage}] {'resuming' if item.status == 'resume' else 'running'} -> {item.folder}")
-        state["stages"][item.stage] = {"fingerprint": item.fingerprint, "done": False}
+        state["stages"][item.stage] = {"fingerprint": item.fingerprint, "done": False, "settings": item.settings}
         write_state(out, state)
         began = time.perf_counter()
         try:
@@ -159,7 +185,8 @@ def execute(items: list[PlanItem], out: Path, model: str, recipe: Recipe, runner
                 fix="fix the cause and rerun the same command: finished stages are kept, this one resumes",
             ) from err
         item.seconds = round(time.perf_counter() - began, 1)
-        state["stages"][item.stage] = {"fingerprint": item.fingerprint, "done": True, "seconds": item.seconds}
+        state["stages"][item.stage] = {"fingerprint": item.fingerprint, "done": True, "seconds": item.seconds,
+                                       "settings": item.settings}  # fmt: skip
         write_state(out, state)
 
 
