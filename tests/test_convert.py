@@ -44,7 +44,7 @@ def setup(tmp_path_factory):
     return root, static, recipe
 
 
-def _convert(static: Path, out: Path, recipe: Path, *extra: str):
+def _convert(static: Path | str, out: Path, recipe: Path, *extra: str):
     return runner.invoke(app, ["convert", str(static), "--out", str(out), "--recipe", str(recipe), "--json", *extra])
 
 
@@ -77,6 +77,11 @@ def test_convert_runs_every_stage_then_skips_them(setup):
 
     again = _convert(static, out, recipe)
     assert again.exit_code == 0 and set(_statuses(again).values()) == {"done"}
+    # The run is identified by what was read, not by how the path was spelled; how often a stage checkpoints is
+    # not part of what it made.
+    for spelled in (f"{static}/", os.path.relpath(static)):
+        same = _convert(spelled, out, recipe, "--set", "stage1.save_every=5")
+        assert same.exit_code == 0 and set(_statuses(same).values()) == {"done"}, (spelled, same.output)
 
     stock = _convert(static, out, recipe, "--from", "export", "--overwrite", "--set", "export.format=stock")
     assert stock.exit_code == 0, stock.output
@@ -120,6 +125,7 @@ def test_changed_settings_are_not_mixed_with_old_outputs(setup, tmp_path):
     assert _convert(static, out, recipe, "--to", "inject").exit_code == 0
     changed = _convert(static, out, recipe, "--to", "inject", "--set", "zero_experts.seed=7")
     assert changed.exit_code == EXIT_BAD_INPUT and "other settings" in changed.stderr
+    assert "zero_experts.seed 0 -> 7" in changed.stderr, changed.stderr
     late = _convert(static, out, recipe, "--from", "stage2")
     assert late.exit_code == EXIT_BAD_INPUT and "needs stage rollout done" in late.stderr
 
@@ -155,15 +161,25 @@ def test_30b_model_is_refused_early_on_this_machine(qwen30b, tmp_path):
     assert stage1["estimate"]["processes"] == 8 and 20 < stage1["estimate"]["per_process_gb"] < 200
 
 
-def test_dry_run_counts_the_vllm_engine(qwen30b, tmp_path):
-    def plan(*sets: str) -> dict[str, dict]:
-        args = ["convert", str(qwen30b), "--out", str(tmp_path / "dyn"), "--dry-run", "--json"]
+def test_dry_run_places_the_vllm_servers_on_their_gpus(qwen30b, tmp_path):
+    def plan(*sets: str) -> dict:
+        args = ["convert", str(qwen30b), "--out", str(tmp_path / "dyn"), "--dry-run", "--json",
+                "--gpu-memory-gb", "80"]  # fmt: skip
         result = runner.invoke(app, [*args, *(a for s in sets for a in ("--set", s))])
         assert result.exit_code == 0, result.output
-        return {s["stage"]: s["estimate"] for s in json.loads(result.stdout)["stages"]}
+        return json.loads(result.stdout)
 
-    hf, vllm = plan(), plan("generation.engine=vllm")
-    weights_gb = 2 * 30.5e9 / 1024**3  # bf16 Qwen3-30B-A3B: the engine serves a full copy
-    assert "vLLM engine" in vllm["rollout"]["formula"] and "vLLM engine" in vllm["stage2"]["formula"]
-    assert vllm["stage2"]["per_process_gb"] - hf["stage2"]["per_process_gb"] > weights_gb
-    assert vllm["stage1"] == hf["stage1"]
+    hf, vllm = plan("generation.engine=hf"), plan("generation.engine=vllm", "generation.devices=[6,7]",
+                                                  "generation.tensor_parallel_size=2")  # fmt: skip
+    estimate = {s["stage"]: s["estimate"] for s in vllm["stages"]}
+    hf_estimate = {s["stage"]: s["estimate"] for s in hf["stages"]}
+    # HF generate's KV cache is the trainer's in hf; with vLLM the student's server holds it, on its own GPUs
+    assert "HF generate" in hf_estimate["stage2"]["formula"] and "HF generate" not in estimate["stage2"]["formula"]
+    assert estimate["stage1"] == hf_estimate["stage1"]
+    placed = {p["stage"]: p for p in vllm["placement"]}
+    gpus = placed["stage2"]["gpus"]
+    assert all(any("student server" in what for what, _ in gpus[g]) for g in ("6", "7"))
+    assert any("training rank" in what for what, _ in gpus["0"])
+    assert placed["stage2"]["tokens"]["generated"] == 321 * 16 * 2 * 32768
+    assert any("collective timeout" in n for n in placed["stage2"]["notes"])
+    assert any("teacher server" in what for what, _ in placed["rollout"]["gpus"]["6"])

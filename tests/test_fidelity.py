@@ -14,6 +14,7 @@ from zeda_cli.architectures import resolve_config
 from zeda_cli.distill.data import sequence_batch
 from zeda_cli.distill.losses import GroupBalance, position_weights, sampled_reverse_kl_loss
 from zeda_cli.distill.stage2 import opd_loss
+from zeda_cli.distill.teachers import TeacherScores
 from zeda_cli.inject import inject_zero_experts
 from zeda_cli.recipes import Stage2Section, ZeroExpertsSection
 
@@ -53,6 +54,15 @@ def _two_samples():
     return batch, s_logits, t_logits
 
 
+def _opd(s_logits, t_logits, batch, s2: Stage2Section):
+    """opd_loss with the logits as the student's "hidden states" under an identity head (the loss then sees exactly
+    these logits, chunked as in training), the teacher scored as the stage would ask."""
+    t_logp = torch.log_softmax(t_logits, -1)
+    scores = (TeacherScores(tokens=t_logp.gather(-1, batch.targets[..., None]).squeeze(-1)) if s2.loss == "sampled"
+              else TeacherScores(distribution=t_logp))  # fmt: skip
+    return opd_loss(torch.nn.Identity(), s_logits, scores, batch, s2, tokens=4.0, samples=2.0)
+
+
 def _per_position(batch, s_logits, t_logits, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """−A·log p_S at every response position, written out: A = log p_T(y) − log p_S(y) with p_S at T."""
     lp_s = torch.log_softmax(s_logits / temperature, -1).gather(-1, batch.targets[..., None]).squeeze(-1)
@@ -66,10 +76,10 @@ def test_stage2_reduces_per_sample_then_over_samples_by_default():
     sample_means = [(per_position[i] * mask[i]).sum() / mask[i].sum() for i in range(2)]
     expected = (sample_means[0] + sample_means[1]) / 2  # slime's default: each sample counts the same
     assert Stage2Section().reduction == "sample"
-    loss, _ = opd_loss(s_logits, t_logits, batch, Stage2Section(), tokens=4.0, samples=2.0)
+    loss, _ = _opd(s_logits, t_logits, batch, Stage2Section())
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
     by_token = (per_position * mask).sum() / 4  # the per-token option: the long response weighs 3x
-    loss_token, _ = opd_loss(s_logits, t_logits, batch, Stage2Section(reduction="token"), tokens=4.0, samples=2.0)
+    loss_token, _ = _opd(s_logits, t_logits, batch, Stage2Section(reduction="token"))
     assert loss_token.item() == pytest.approx(by_token.item(), rel=1e-6)
     assert abs(loss.item() - loss_token.item()) > 1e-3
 
@@ -79,7 +89,7 @@ def test_full_kl_uses_the_same_per_sample_reduction():
     kl = (torch.softmax(s_logits, -1) * (torch.log_softmax(s_logits, -1) - torch.log_softmax(t_logits, -1))).sum(-1)
     mask = batch.response_mask
     expected = sum((kl[i] * mask[i]).sum() / mask[i].sum() for i in range(2)) / 2
-    loss, _ = opd_loss(s_logits, t_logits, batch, Stage2Section(loss="full"), tokens=4.0, samples=2.0)
+    loss, _ = _opd(s_logits, t_logits, batch, Stage2Section(loss="full"))
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
@@ -87,9 +97,9 @@ def test_samples_drawn_at_temperature_t_are_scored_with_logits_over_t():
     batch, s_logits, t_logits = _two_samples()
     per_position, mask = _per_position(batch, s_logits, t_logits, temperature=0.5)
     expected = sum((per_position[i] * mask[i]).sum() / mask[i].sum() for i in range(2)) / 2
-    loss, _ = opd_loss(s_logits, t_logits, batch, Stage2Section(temperature=0.5), tokens=4.0, samples=2.0)
+    loss, _ = _opd(s_logits, t_logits, batch, Stage2Section(temperature=0.5))
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
-    at_one, _ = opd_loss(s_logits, t_logits, batch, Stage2Section(temperature=1.0), tokens=4.0, samples=2.0)
+    at_one, _ = _opd(s_logits, t_logits, batch, Stage2Section(temperature=1.0))
     assert abs(loss.item() - at_one.item()) > 1e-3
 
 

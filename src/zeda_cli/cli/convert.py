@@ -14,6 +14,7 @@ from .options import JsonOpt, OverwriteOpt, QuietOpt, RecipeOpt, SetOpt, TokenOp
 EPILOG = examples(
     "zeda convert Qwen/Qwen3-30B-A3B --out ./dyn                     # recipes/qwen3-30b-a3b.yaml picked",
     "zeda convert models/pystdlib-moe --out runs/demo --recipe tiny-demo",
+    "zeda convert --recipe tiny-demo --out runs/demo                   # the model the recipe names",
     "zeda convert ./my-moe --out ./dyn --set stage2.steps=50 --to stage1",
     "zeda convert zai-org/GLM-4.7-Flash --out ./glm --dry-run          # plan + memory per stage",
     "zeda convert ./my-moe --out ./dyn --push-to my-org/my-moe-zeda --json",
@@ -21,8 +22,14 @@ EPILOG = examples(
 
 
 def convert(
-    model: Annotated[str, typer.Argument(help="Static MoE: local folder or Hub id (org/name[@revision]).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder; one subfolder per stage.")],
+    model: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="MODEL",
+            help="Static MoE: local folder or Hub id (org/name[@revision]); default: the recipe's model.",
+        ),
+    ] = None,
     recipe: RecipeOpt = None,
     set_: SetOpt = None,
     from_: Annotated[
@@ -30,7 +37,12 @@ def convert(
     ] = None,
     to: Annotated[str | None, typer.Option("--to", help="Last stage to run.")] = None,
     push_to: Annotated[str | None, typer.Option(help="Push the export to this Hub repo at the end.")] = None,
-    dry_run: Annotated[bool, typer.Option(help="Print the plan and memory estimates; run nothing.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option(help="Print the plan: memory per GPU, host RAM, tokens per stage; run nothing.")
+    ] = False,
+    gpu_memory_gb: Annotated[
+        float | None, typer.Option(help="Plan for GPUs of this many GB (default: the visible GPU's).")
+    ] = None,
     overwrite: OverwriteOpt = False,
     token: TokenOpt = None,
     json_out: JsonOpt = False,
@@ -46,9 +58,12 @@ def convert(
         from ..pipeline.convert import ConvertOptions, run_convert
 
         opts = ConvertOptions(model=model, out=out, recipe=recipe, overrides=list(set_ or []), first=from_, last=to,
-                              push_to=push_to, dry_run=dry_run, overwrite=overwrite, token=token)  # fmt: skip
+                              push_to=push_to, dry_run=dry_run, overwrite=overwrite, token=token,
+                              gpu_memory_gb=gpu_memory_gb)  # fmt: skip
         summary = run_convert(opts, output)
         output.result(summary, _table(summary))
+        if dry_run and summary.get("placement") and not json_out:
+            output.result(summary, _placement_table(summary["placement"]))
 
 
 def _table(summary: dict) -> Table:
@@ -64,6 +79,24 @@ def _table(summary: dict) -> Table:
         result = ", ".join(f"{k}={_short(v)}" for k, v in (s.get("result") or {}).items())
         seconds = "-" if s.get("seconds") is None else f"{s['seconds']:.1f}"
         table.add_row(s["stage"], s["status"], s["folder"], memory, seconds, result)
+    return table
+
+
+def _placement_table(placements: list[dict]) -> Table:
+    table = Table(title="placement: what each GPU holds (GB), host RAM, tokens (upper bounds)", title_justify="left")
+    for column in ("stage", "GPU", "runs there", "GB", "host GB", "tokens generated / trained"):
+        table.add_column(column)
+    for p in placements:
+        tokens = " / ".join("?" if v is None else f"{v:,}" for v in (p["tokens"].get("generated"),
+                                                                       p["tokens"].get("trained")))  # fmt: skip
+        first = True
+        for gpu, parts in p["gpus"].items():
+            runs = "; ".join(f"{what} {gb:.1f}" for what, gb in parts)
+            table.add_row(p["stage"] if first else "", gpu, runs, f"{sum(gb for _, gb in parts):.1f}",
+                          f"{p['host_gb']:.0f}" if first else "", tokens if first else "")  # fmt: skip
+            first = False
+        for note in p["notes"]:
+            table.add_row("", "", f"note: {note}", "", "", "")
     return table
 
 

@@ -194,6 +194,13 @@ def collate_sft(examples: list[SftExample], pad_id: int) -> dict[str, torch.Tens
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def my_share(items: list[Any], rank: int, world: int) -> list[Any]:
+    """This rank's contiguous block of a step's items (a step splits evenly: checked at start), so the ranks'
+    micro-batches are those of one process cut in ``world`` parts."""
+    size = len(items) // world
+    return items[rank * size : (rank + 1) * size]
+
+
 def micro_batches(items: list[Any], size: int) -> Iterator[list[Any]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]

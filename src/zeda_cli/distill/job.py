@@ -39,8 +39,11 @@ class DistillJob(BaseModel):
 
     @property
     def needs_teacher(self) -> bool:
-        """Stage 2 scores every sample with the teacher; stage 1 only for its dense KL loss."""
-        return self.stage == 2 or self.recipe.stage1.loss == "kl"
+        """Whether the training processes hold a teacher: stage 2 scores every sample with it (unless its server does,
+        ``stage2.teacher_logprobs: engine``); stage 1 only for its dense KL loss."""
+        if self.stage == 2:
+            return self.recipe.stage2.teacher_logprobs == "trainer"
+        return self.recipe.stage1.loss == "kl"
 
     @property
     def split(self) -> tuple[str, int]:
@@ -112,16 +115,47 @@ def check_teacher(teacher: TeacherSpec, student: ModelRef) -> list[ZedaError]:
     return problems
 
 
-def check_deepspeed_config(path: str | None) -> list[ZedaError]:
-    if path is None:
-        return []
+def check_precision(recipe: Recipe, stage: int) -> list[ZedaError]:
+    """The DeepSpeed config readable, and one precision for trainer and generation server (``distill.precision``),
+    before any process starts."""
+    from ..runtime.loading import resolve_device
     from .engines.deepspeed import load_deepspeed_config
+    from .precision import precision
 
+    path = recipe.distributed.deepspeed
     try:
-        load_deepspeed_config(path)
+        config = load_deepspeed_config(path) if path and recipe.distributed.kind == "deepspeed" else None
+        trainable = (recipe.stage1 if stage == 1 else recipe.stage2).trainable
+        precision(recipe, trainable, resolve_device(recipe.runtime.device, strict=False).type, deepspeed=config)
     except ZedaError as err:
         return [err]
     return []
+
+
+def check_distributed(recipe: Recipe, student: ModelRef) -> list[ZedaError]:
+    """FSDP2's mesh (sizes against the processes and the experts) and, with expert parallelism, a family whose
+    transformers config declares the token dispatch (``base_model_ep_plan``), before any process starts."""
+    dist = recipe.distributed
+    if dist.kind != "fsdp2":
+        return []
+    from .engines.fsdp2 import mesh_sizes
+
+    problems: list[ZedaError] = []
+    try:
+        mesh_sizes(dist, dist.world_size, student.rc.num_experts)
+    except ZedaError as err:
+        problems.append(err)
+    plan = getattr(type(student.rc.hf), "base_model_ep_plan", None) or {}
+    if dist.ep_size > 1 and "ep_dispatch_experts" not in plan.values():
+        problems.append(
+            BadInputError(
+                f"distributed.ep_size {dist.ep_size} for {student.adapter.model_type}, whose transformers config has "
+                "no expert-parallel plan (base_model_ep_plan with ep_dispatch_experts)",
+                expected="a family transformers can dispatch experts for",
+                fix="set distributed.ep_size 1 (FSDP2 alone)",
+            )
+        )
+    return problems
 
 
 def _check_prompts(recipe: Recipe) -> list[ZedaError]:
@@ -141,30 +175,31 @@ def build_job(
     out: Path,
     recipe: Recipe,
     *,
-    teacher: str | None = None,
     resume: bool = False,
     rollouts: str | None = None,
 ) -> DistillJob:
-    problems: list[ZedaError] = check_deepspeed_config(recipe.distributed.deepspeed)
+    """The validated job; the teacher is ``recipe.teacher`` when set, else the original from the run's lineage."""
+    problems: list[ZedaError] = check_precision(recipe, stage)
     try:
         ref = as_model(student)
         check_student(ref)
     except ZedaError as err:
         raise_all([err, *problems])
     folder = ref.folder
-    spec = TeacherSpec(path=teacher, masked=False) if teacher else default_teacher(folder)
+    problems += check_distributed(recipe, ref)
+    spec = TeacherSpec(path=recipe.teacher, masked=False) if recipe.teacher else default_teacher(folder)
     problems += check_teacher(spec, ref)
-    if stage == 1 and rollouts is None and not recipe.data.prompts:
+    if stage == 1 and rollouts is None and not recipe.data.prompts and not recipe.data.rollouts:
         problems.append(
             BadInputError(
                 "stage 1 needs teacher rollouts or prompts to generate them",
-                expected="--rollouts FILE or --prompts FILE (data.prompts in the recipe)",
+                expected="--rollouts FILE (data.rollouts) or --prompts FILE (data.prompts in the recipe)",
                 fix="pass --prompts with a prompt set",
             )
         )
     if stage == 2 and not recipe.data.prompts:
         problems.append(BadInputError("stage 2 needs prompts", expected="--prompts FILE", fix="pass --prompts"))
-    if recipe.data.prompts and (stage == 2 or rollouts is None):
+    if recipe.data.prompts and (stage == 2 or (rollouts is None and not recipe.data.rollouts)):
         problems += _check_prompts(recipe)
     raise_all(problems)
     return DistillJob(

@@ -9,6 +9,7 @@ folder, servers) -> summary, injectable in ``run_job`` for tests.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -55,11 +56,16 @@ def launch_job(job: DistillJob, out: Path, servers: Servers | None = None, timeo
     port = dist.master_port or free_port()
     command = torchrun_command(job_file, dist, port, collective_timeout_s(job.recipe))
     env = {**os.environ, "PYTHONUNBUFFERED": "1", SERVERS_ENV: json.dumps((servers or Servers()).to_json())}
-    with (out / LOG_FILE).open("a") as log:
+    if dist.devices:  # the ranks' GPUs (LOCAL_RANK i -> the i-th of them)
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, dist.devices))
+    # node 0 keeps launcher.log in the stage folder; another node's launcher may start before node 0 has prepared
+    # that (shared) folder, so its output goes to its own stderr only (the scheduler's per-node log)
+    with (out / LOG_FILE).open("a") if dist.node_rank == 0 else contextlib.nullcontext() as log:
         proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         assert proc.stdout is not None
         for line in proc.stdout:
-            log.write(line)
+            if log is not None:
+                log.write(line)
             sys.stderr.write(line)
         code = proc.wait(timeout=timeout)
     raise_rank_error(out)

@@ -3,6 +3,7 @@ L_GA → backward → tally), the step's record reduced over the ranks, and the 
 
 from __future__ import annotations
 
+import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from ..runtime.zeda_dynamic_moe import RouterSpec, RoutingRecorder, RoutingTally
 from .checkpoints import MetricsLog, latest_checkpoint, load_checkpoint, save_checkpoint
 from .engines import Engine
 from .job import DistillJob
+from .logits import HeadFn, head_computes
 from .losses import GroupBalance
 from .output import finish_stage, start_manifest
 from .student import seed_everything
@@ -68,6 +70,7 @@ class StageLoop:
     def finish(self) -> dict[str, Any]:
         records = self.log.records()
         summary = summarize(records, self.total, self.tokens_seen)
+        summary["peak_memory_gb"] = peak_memory_per_rank(self.engine)
         if self.job.stage == 2 or "kl" in (records or [{}])[-1]:  # stage 2, or stage 1 with the dense KL
             summary["final_kl"] = (records or [{}])[-1].get("kl")
         settings = {f"stage{self.job.stage}": self.job.section.model_dump(mode="json"),
@@ -91,10 +94,13 @@ class MicroSteps:
     def __post_init__(self) -> None:
         self.tally = RoutingTally(self.spec.num_experts)
 
-    def forward(self, **inputs: Any) -> tuple[Any, RoutingRecorder]:
-        with RoutingRecorder(self.engine.module, keep_logits=True) as rec:
-            out = self.engine.forward(**inputs, use_cache=False)
-        return out, rec
+    def forward(self, head_fn: HeadFn, **inputs: Any) -> tuple[torch.Tensor, RoutingRecorder]:
+        """The student's forward whose head computes ``head_fn(hidden, head)`` (the micro-batch's loss, chunk by
+        chunk: ``distill.logits``), and the routing it recorded."""
+        model = self.engine.module
+        with RoutingRecorder(model, keep_logits=True) as rec, head_computes(model, head_fn):
+            value = self.engine.forward(**inputs, use_cache=False).logits
+        return value, rec
 
     def backward(self, fit: torch.Tensor, rec: RoutingRecorder, token_mask: torch.Tensor, share: float,
                  logged: dict[str, float]) -> None:  # fmt: skip
@@ -128,6 +134,26 @@ class MicroSteps:
             },  # fmt: skip
             "grad_norm": round(grad_norm, 4),
         }
+
+
+def peak_memory_per_rank(engine: Engine) -> list[float]:
+    """Each rank's peak memory so far (GB): the GPU's allocator peak on CUDA, the process's peak resident set
+    (VmHWM, which exec resets, unlike rusage's maxrss) on CPU."""
+    if engine.device.type == "cuda":
+        peak = float(torch.cuda.max_memory_allocated(engine.device))
+    else:
+        peak = float(_status_kib("VmHWM") * 1024)
+    values = [0.0] * engine.world_size
+    values[engine.rank] = peak / 1024**3
+    return [round(v, 3) for v in engine.all_reduce_sums(values)]
+
+
+def _status_kib(key: str) -> int:
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(f"{key}:"))
+    except (OSError, StopIteration, ValueError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def summarize(records: list[dict[str, Any]], steps: int, tokens_seen: int) -> dict[str, Any]:

@@ -79,13 +79,30 @@ class GroupBalance:
         ).sum()
 
 
+def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed token CE of ``logits`` [B, S, V] against ``labels`` [B, S] (-100: not trained): one chunk's part."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
+
+
+def forward_kl_sum(student_logits: torch.Tensor, teacher_logp: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Σ_positions weights · KL(p_T ‖ p_S), the teacher given as log-probabilities (one chunk's part)."""
+    p_t = teacher_logp.float()
+    p_s = torch.log_softmax(student_logits.float(), dim=-1)
+    return ((p_t.exp() * (p_t - p_s)).sum(dim=-1) * weights).sum()
+
+
+def reverse_kl_sum(student_logits: torch.Tensor, teacher_logp: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Σ_positions weights · KL(p_S ‖ p_T), the teacher given as log-probabilities (one chunk's part)."""
+    p_s = torch.log_softmax(student_logits.float(), dim=-1)
+    return ((p_s.exp() * (p_s - teacher_logp.float())).sum(dim=-1) * weights).sum()
+
+
 def response_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, normalizer: float) -> torch.Tensor:
     """Summed token CE over positions whose label != -100, divided by ``normalizer`` (tokens of the global batch).
 
     ``logits`` [B, S, V] predict ``labels`` [B, S] already shifted by one (labels[t] is the token after t).
     """
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
-    return loss / normalizer
+    return cross_entropy_sum(logits, labels) / normalizer
 
 
 def token_logprobs(
@@ -130,7 +147,7 @@ def full_reverse_kl_loss(
 ) -> torch.Tensor:
     """Exact Σ_v p_S(v)·(log p_S(v) − log p_T(v)) per position of the model itself (no sampling temperature: nothing
     is estimated from samples here), weighted by ``mask`` and summed, over ``normalizer``."""
-    return _weighted_kl(student_logits, teacher_logits, mask, chunk) / normalizer
+    return _chunks(reverse_kl_sum, student_logits, teacher_logits, mask, chunk) / normalizer
 
 
 def forward_kl_loss(
@@ -142,15 +159,13 @@ def forward_kl_loss(
 ) -> torch.Tensor:
     """Dense stage-1 loss: Σ_v p_T(v)·(log p_T(v) − log p_S(v)) per position, weighted by ``mask`` and summed, over
     ``normalizer``: the teacher's whole next-token distribution as the target instead of its one sampled token."""
-    return _weighted_kl(teacher_logits, student_logits, mask, chunk) / normalizer
+    return _chunks(forward_kl_sum, student_logits, teacher_logits, mask, chunk) / normalizer
 
 
-def _weighted_kl(p_logits: torch.Tensor, q_logits: torch.Tensor, weights: torch.Tensor, chunk: int) -> torch.Tensor:
-    """Σ_positions weights · KL(p ‖ q) of the next-token distributions, in sequence chunks (bounded memory)."""
-    total = p_logits.new_zeros((), dtype=torch.float32)
-    for start in range(0, p_logits.shape[1], chunk):
-        p = torch.log_softmax(p_logits[:, start : start + chunk].float(), dim=-1)
-        q = torch.log_softmax(q_logits[:, start : start + chunk].float(), dim=-1)
-        kl = (p.exp() * (p - q)).sum(dim=-1)
-        total = total + (kl * weights[:, start : start + chunk]).sum()
+def _chunks(fn, student: torch.Tensor, teacher: torch.Tensor, weights: torch.Tensor, chunk: int) -> torch.Tensor:
+    """``fn`` (one of the ``*_sum`` losses) over sequence chunks of full logits, summed."""
+    total = student.new_zeros((), dtype=torch.float32)
+    for start in range(0, student.shape[1], chunk):
+        part = slice(start, start + chunk)
+        total = total + fn(student[:, part], torch.log_softmax(teacher[:, part].float(), -1), weights[:, part])
     return total

@@ -30,12 +30,12 @@ def start_manifest(job: Any, out: Path) -> None:
 
 
 def stage_inputs(job: Any) -> dict[str, Any]:
+    """What the stage read; the original model is found through ``parent`` (runs.lineage), not copied here."""
     source = read_manifest(Path(job.student))
     return {
         "student": job.student,
         "teacher": job.teacher.model_dump(),
         "rollouts": job.rollouts,
-        "origin": source.origin or None if source else None,
         "student_stage": source.stage if source else None,
     }
 
@@ -75,9 +75,10 @@ def finish_stage(engine: Any, job: Any, out: Path, metrics: dict[str, Any], sett
 
 
 def _write_config(staging: Path, student: Path, recipe: Recipe, stage: int) -> None:
-    """Keep the student's dynamic config (format, router spec, auto_map) and record the distillation."""
+    """Keep the student's dynamic config (format, router spec, auto_map) and record the distillation; the dtype is
+    the one the weights were saved in (a sharded save writes no config of its own: the student's is kept)."""
     config = read_config_json(student)
-    written = read_config_json(staging)
+    written = read_config_json(staging) if (staging / "config.json").exists() else {}
     for key in ("dtype", "torch_dtype"):
         if key in written:
             config[key] = written[key]

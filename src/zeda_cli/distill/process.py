@@ -24,4 +24,4 @@ def run_in_process(job: DistillJob, backend: Backend, servers: Servers, on_step:
     model = backend.load_student(job)
     teacher = choose_teacher(job, model, backend)
     run = STAGES[job.stage]
-    return run(job, model, tokenizer, backend.make_engine, teacher, servers, on_step, world=backend.world_size)
+    return run(job, model, tokenizer, backend, teacher, servers, on_step)

@@ -4,6 +4,7 @@ needs, then train in this process or on the ranks the launcher starts (``distrib
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -11,15 +12,17 @@ from typing import Any, Literal
 
 from ..console import Output, ProgressBar
 from ..errors import BadInputError
-from ..model_ref import ModelRef
+from ..inheritance import inherit
+from ..model_ref import ModelRef, as_model
 from ..recipes import Recipe
 from ..runs import read_manifest
 from ..runtime.loading import load_tokenizer
 from .engines.local import LocalBackend
 from .generation import Servers, generator
-from .job import DistillJob, build_job
+from .job import JOB_FILE, DistillJob, build_job
 from .loop import StepCallback
 from .process import run_in_process
+from .resume import reconcile
 from .rollout import ROLLOUTS_FILE, generate_rollouts
 from .stage2 import stage2_prompts
 
@@ -33,14 +36,24 @@ def run_stage(
     recipe: Recipe,
     *,
     output: Output,
-    teacher: str | None = None,
     rollouts: str | None = None,
     resume: bool = False,
     overwrite: bool = False,
     launcher: Launcher | None = None,
 ) -> dict[str, Any]:
-    """Run one distillation stage into ``out``; returns its summary (the manifest's metrics)."""
-    job = build_job(stage, student, out, recipe, teacher=teacher, resume=resume, rollouts=rollouts)
+    """Run one distillation stage into ``out``; returns its summary (the manifest's metrics). Settings the student
+    folder recorded are inherited where nothing explicit sets them (each one said on the log)."""
+    ref = as_model(student)
+    recipe, lines = inherit(recipe, ref)
+    if (topology := outer_topology()) is not None:  # this process is one rank of a torchrun / srun the user started
+        recipe = recipe.with_values(topology)
+    job = build_job(stage, ref, out, recipe, resume=resume, rollouts=rollouts)
+    if resume and (out / JOB_FILE).exists() and not _finished(out):
+        lines += reconcile(DistillJob.read(out / JOB_FILE), job)
+    for line in lines:  # once the job is valid: a refused job is one error line and nothing else
+        output.log(line)
+    if topology is not None:
+        return run_as_rank(job, output, overwrite)
     if recipe.distributed.node_rank > 0:  # another node's launcher: node 0 prepares the folder and the servers
         return (launcher or _launch)(job, out, Servers())
     if prepare_stage_dir(out, resume, overwrite):
@@ -53,6 +66,11 @@ def run_stage(
         summary = run_job(job, on_step=StepReporter(progress), launcher=launcher)
     output.log(f"Per-layer zero share: {summary.get('zero_share_per_layer')}")
     return {"ok": True, "out": str(out), "stage": stage, **summary}
+
+
+def _finished(out: Path) -> bool:
+    manifest = read_manifest(out)
+    return bool(manifest and manifest.done)
 
 
 class StepReporter:
@@ -92,12 +110,27 @@ def prepare_stage_dir(out: Path, resume: bool, overwrite: bool) -> bool:
 
 
 def ensure_rollouts(job: DistillJob, progress: ProgressBar | None) -> DistillJob:
-    """Stage 1 trains on job.rollouts; without one, the teacher writes ``<out>/rollouts.jsonl`` first."""
+    """Stage 1 trains on job.rollouts; without one, ``<out>/rollouts.jsonl`` is imported from ``data.rollouts``
+    (checked record by record) or written by the teacher first."""
     if job.stage != 1 or job.rollouts:
         return job
     path = Path(job.out) / ROLLOUTS_FILE
-    generate_rollouts(job.teacher, job.recipe, path, progress=progress)
+    if job.recipe.data.rollouts:
+        import_user_rollouts(job.recipe.data, job.student, path)
+    else:
+        generate_rollouts(job.teacher, job.recipe, path, progress=progress)
     return job.model_copy(update={"rollouts": str(path)})
+
+
+def import_user_rollouts(data: Any, student: str, path: Path) -> dict[str, Any]:
+    from ..io.sources import read_config_json
+    from .data import special_ids
+    from .rollout_import import import_rollouts
+
+    tokenizer = load_tokenizer(student)
+    _, eos = special_ids(tokenizer, None)
+    vocab = int(read_config_json(Path(student)).get("vocab_size") or len(tokenizer))
+    return import_rollouts(data, tokenizer, eos[0] if eos else 0, vocab, path)
 
 
 def run_job(job: DistillJob, on_step: StepCallback | None = None, launcher: Launcher | None = None) -> dict[str, Any]:
@@ -106,6 +139,68 @@ def run_job(job: DistillJob, on_step: StepCallback | None = None, launcher: Laun
         if job.recipe.distributed.launched:
             return (launcher or _launch)(job, Path(job.out), servers)
         return run_in_process(job, LocalBackend(job), servers, on_step)
+
+
+def outer_topology() -> dict[str, Any] | None:
+    """``distributed.*`` of the ranks an outer launcher started (torchrun's ``RANK`` / ``WORLD_SIZE`` /
+    ``LOCAL_WORLD_SIZE``, or srun's ``SLURM_PROCID`` / ``SLURM_NTASKS``, mapped to torch's names), or None when
+    this process was not started as one of several ranks."""
+    env = os.environ
+    if "SLURM_PROCID" in env and "RANK" not in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
+        env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+        env["LOCAL_WORLD_SIZE"] = env.get("SLURM_NTASKS_PER_NODE", env["WORLD_SIZE"]).split("(")[0]
+    world = int(env.get("WORLD_SIZE", "1"))
+    if world <= 1 or "RANK" not in env:
+        return None
+    local = int(env.get("LOCAL_WORLD_SIZE", world))
+    return {"distributed.nproc": local, "distributed.nnodes": max(world // local, 1),
+            "distributed.node_rank": int(env["RANK"]) // local}  # fmt: skip
+
+
+def run_as_rank(job: DistillJob, output: Output, overwrite: bool) -> dict[str, Any]:
+    """One rank of an outer launcher: rank 0 prepares the folder (rollouts, job file, generation servers, which only
+    rank 0 talks to) while the others wait; then every rank trains. The folder must be on a shared filesystem."""
+    import torch.distributed as dist
+
+    from .engines import backend_for, collective_timeout_s
+    from .worker import init_process_group
+
+    dist_env = job.recipe.distributed
+    os.environ.setdefault("MASTER_ADDR", dist_env.master_addr)
+    os.environ.setdefault("MASTER_PORT", str(dist_env.master_port or 29500))
+    init_process_group(collective_timeout_s(job.recipe))
+    out, rank = Path(job.out), dist.get_rank()
+    done = [False]
+    if rank == 0:
+        done[0] = prepare_stage_dir(out, job.resume, overwrite)
+        if not done[0]:
+            job = ensure_rollouts(job, None)
+            job.write(out)
+    dist.broadcast_object_list(done, src=0)
+    if done[0]:
+        return {"ok": True, "out": str(out), "skipped": True}
+    dist.barrier()
+    job = DistillJob.read(out / JOB_FILE)
+    serve = generator(job.recipe).serve_student if rank == 0 else _no_servers
+    with serve(job, lambda: stage2_prompts(job, load_tokenizer(job.student))) as servers:
+        summary = run_in_process(job, backend_for(job), servers, _rank_zero(output, rank))
+    return {"ok": True, "out": str(out), "stage": job.stage, "rank": rank, **summary}
+
+
+def _no_servers(job: DistillJob, prompts: Any) -> Any:
+    from .generation import no_servers
+
+    return no_servers()
+
+
+def _rank_zero(output: Output, rank: int) -> StepCallback:
+    def report(record: dict[str, Any]) -> None:
+        if rank == 0:
+            output.log(f"step {record['step']}/{record['total_steps']} loss {record['loss']:.4f} "
+                       f"zero {record['zero_share']:.3f}")  # fmt: skip
+
+    return report
 
 
 def _launch(job: DistillJob, out: Path, servers: Servers) -> dict[str, Any]:

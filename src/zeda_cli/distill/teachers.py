@@ -11,29 +11,50 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import nn
 
 from ..runtime.zeda_dynamic_moe import routers
 from .data import SequenceBatch
+from .logits import HeadFn, distributions, head_computes, token_logprobs
 
 TEACHER_ROUTER_FILE = "teacher_router.pt"
+Need = Literal["tokens", "distribution"]
+
+
+@dataclass
+class TeacherScores:
+    """What a loss needs of the teacher: ``tokens`` the log-probs of the batch's targets [B, S] (the sampled stage-2
+    loss), or ``distribution`` the whole next-token log-distribution [B, S, V] in bf16 (the dense losses)."""
+
+    tokens: torch.Tensor | None = None
+    distribution: torch.Tensor | None = None
 
 
 class Teacher(Protocol):
-    def logits(self, batch: SequenceBatch) -> torch.Tensor: ...
+    """``rows``: the batch's rows as indices into the step's sequences (a teacher server scored them all at once)."""
+
+    def score(self, batch: SequenceBatch, need: Need, chunk: int, rows: list[int] | None = None) -> TeacherScores: ...
 
 
-def forward_logits(model: Any, batch: SequenceBatch) -> torch.Tensor:
-    return model(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
-        use_cache=False,
-    ).logits
+def run_with_head(model: Any, batch: SequenceBatch, fn: HeadFn) -> torch.Tensor:
+    """The model's forward on ``batch`` with its head computing ``fn`` (``distill.logits``)."""
+    with head_computes(model, fn):
+        return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                     use_cache=False).logits  # fmt: skip
+
+
+def scores_of(model: Any, batch: SequenceBatch, need: Need, chunk: int) -> TeacherScores:
+    if need == "tokens":
+        return TeacherScores(tokens=run_with_head(model, batch, lambda h, head: token_logprobs(head, h, batch.targets,
+                                                                                               chunk)))  # fmt: skip
+    return TeacherScores(
+        distribution=run_with_head(model, batch, lambda h, head: torch.cat(distributions(head, h, chunk), 1))
+    )
 
 
 class ModelTeacher:
@@ -43,8 +64,8 @@ class ModelTeacher:
             p.requires_grad_(False)
 
     @torch.no_grad()
-    def logits(self, batch: SequenceBatch) -> torch.Tensor:
-        return forward_logits(self.model, batch)
+    def score(self, batch: SequenceBatch, need: Need, chunk: int, rows: list[int] | None = None) -> TeacherScores:
+        return scores_of(self.model, batch, need, chunk)
 
 
 def original_router_rows(model: nn.Module, full_state: Any = None) -> dict[str, torch.Tensor]:
@@ -87,12 +108,12 @@ class RouterViewTeacher:
         self.rows = {k: v.to(device, torch.float32) for k, v in rows.items()}
 
     @torch.no_grad()
-    def logits(self, batch: SequenceBatch) -> torch.Tensor:
+    def score(self, batch: SequenceBatch, need: Need, chunk: int, rows: list[int] | None = None) -> TeacherScores:
         was_training = self.student.training
         self.student.eval()
         try:
             with original_router_view(self.student, self.rows):
-                return forward_logits(self.student, batch)
+                return scores_of(self.student, batch, need, chunk)
         finally:
             self.student.train(was_training)
 

@@ -91,6 +91,32 @@ def load_model(
     return model.eval()
 
 
+def checkpoint_names(folder: Path) -> Any:
+    """A function turning a group of the model's in-memory tensors into checkpoint (on-disk) names and layouts
+    (transformers' reverse weight conversion, e.g. fused 3-D experts back to per-expert matrices), built on a
+    meta-device model of ``folder``'s config: no weights are allocated."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    rc = resolve_config(read_config_json(folder))
+    if rc.dynamic:
+        config, cls = dynamic_hf_config(rc), dynamic_classes(rc.adapter)[1]
+    else:
+        cls = static_class(rc.adapter)
+        config = cls.config_class(**{k: v for k, v in rc.raw.items() if k not in ("model_type", "architectures")})
+    with torch.device("meta"):
+        model = cls(config)
+    return lambda state: revert_weight_conversion(model, state)
+
+
+def open_weights(folder: Path) -> Any:
+    """The folder's weights, headers only: a safetensors checkpoint, or the sharded files of an FSDP2 stage read
+    as one checkpoint in on-disk names (``io.dcp.ShardedCheckpoint``)."""
+    from ..io.dcp import ShardedCheckpoint, is_sharded
+    from ..io.reader import open_checkpoint
+
+    return ShardedCheckpoint(folder, checkpoint_names(folder)) if is_sharded(folder) else open_checkpoint(folder)
+
+
 def load_tokenizer(*paths: str | Path) -> Any:
     """The tokenizer of the first of ``paths`` that has one (e.g. the model's, then its teacher's), resolved
     without remote code (a dynamic folder's config type is registered locally first)."""

@@ -41,6 +41,7 @@ __all__ = [
     "register_key_conversion",
     "set_zero_expert_bias",
     "zero_experts_masked",
+    "zero_skipping_expert_parallel",
 ]
 
 
@@ -193,6 +194,48 @@ class ZeroSkippingExperts:
             weights = top_k_weights[token_idx, slot_idx].unsqueeze(1)
         pair_out = super().forward(hidden_states[token_idx], ids, weights)
         return out.index_add(0, token_idx, pair_out.to(out.dtype))
+
+
+ZERO_SKIPPING_EP = "zeda_zero_skipping"  # the EPImplementation name under transformers' expert parallelism
+
+
+@functools.cache
+def zero_skipping_expert_parallel() -> str:
+    """Register, once, the expert-parallel token dispatch that drops zero-expert slots *before* the all-to-all
+    (they cost neither expert compute nor communication) and return its name for
+    ``DistributedConfig(ep_implementation=...)``.
+
+    transformers' ``ep_dispatch_experts`` replaces the experts module's forward with a dispatch that sends every
+    (token, slot) pair to the rank owning its expert; zero experts are owned by no rank. This dispatch compacts the
+    real pairs into a K=1 problem, hands them to transformers' all-to-all implementation, and scatters the weighted
+    results back per token. ``experts.zero_skipping_dispatch.sent`` / ``.received`` count the (token, expert) rows
+    this rank sent and its experts were given. A rank whose tokens all chose zero experts still joins both
+    all-to-alls with no rows.
+    """
+    from transformers.distributed.expert_parallel import AllToAllEP, EPImplementationInterface
+
+    class ZeroSkippingAllToAll(AllToAllEP):
+        def __init__(self, experts: nn.Module, ep_mesh: Any, tp_mesh: Any):
+            super().__init__(experts, ep_mesh, tp_mesh)
+            self.received = self.sent = 0
+            experts.zero_skipping_dispatch = self  # where tests and benchmarks read the counts
+
+        def __call__(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+            total = self.num_local_experts * self.ep_mesh.size()  # N: every id >= N is a zero expert
+            token_idx, slot_idx = (top_k_index < total).nonzero(as_tuple=True)
+            ids = top_k_index[token_idx, slot_idx].unsqueeze(1)
+            weights = top_k_weights[token_idx, slot_idx].unsqueeze(1)
+            self.sent += int(token_idx.numel())
+            pair_out = super().__call__(hidden_states[token_idx], ids, weights)
+            return torch.zeros_like(hidden_states).index_add(0, token_idx, pair_out.to(hidden_states.dtype))
+
+        def _dispatch_tokens(self, hidden_states, top_k_index, top_k_weights):  # type: ignore[no-untyped-def]
+            rows, *rest = super()._dispatch_tokens(hidden_states, top_k_index, top_k_weights)
+            self.received += int(rows.shape[0])
+            return (rows, *rest)
+
+    EPImplementationInterface.register(ZERO_SKIPPING_EP, ZeroSkippingAllToAll)
+    return ZERO_SKIPPING_EP
 
 
 @functools.cache

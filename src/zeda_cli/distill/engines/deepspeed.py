@@ -137,6 +137,11 @@ class DeepSpeedEngine:
         self._dist.all_reduce(t)
         return t.tolist()
 
+    def broadcast_object(self, value: Any) -> Any:
+        box = [value]
+        self._dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def barrier(self) -> None:
         self._dist.barrier()
 

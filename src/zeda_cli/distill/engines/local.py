@@ -76,6 +76,9 @@ class LocalEngine:
     def all_reduce_sums(self, values: list[float]) -> list[float]:
         return list(values)
 
+    def broadcast_object(self, value: Any) -> Any:
+        return value
+
     def barrier(self) -> None:
         return None
 
