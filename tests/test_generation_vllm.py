@@ -17,7 +17,7 @@ import torch
 
 from vllm_harness import vllm_skip_reason
 from zeda_cli import load_model, load_tokenizer
-from zeda_cli.distill.generation.vllm import ServerSpec, VllmSampler, running_server
+from zeda_cli.distill.generation.vllm import ServerSpec, VllmSampler
 from zeda_cli.distill.student import select_trainable
 from zeda_cli.errors import EXIT_BAD_INPUT, EXIT_EXTERNAL
 from zeda_cli.inject import inject_zero_experts
@@ -56,45 +56,139 @@ def student_logprobs(model, prompt: list[int], tokens: list[int]) -> torch.Tenso
     return lp.gather(-1, torch.tensor(tokens)[:, None]).squeeze(-1)
 
 
-def test_engine_samples_follow_the_weights_synced_after_each_step(dyn, tmp_path):
-    """Router-only "training" steps, a sync after each: the engine's log-probs of its own samples then equal the
-    trainer's model's (fp32, 1e-3), and differ clearly from the weights it started with."""
+def _served_logprobs(pool, prompts: list[list[int]], tokens: int = 24) -> list[dict]:
+    body = {"prompts": prompts, "max_tokens": tokens, "temperature": 1.0, "top_p": 1.0, "seed": 5}
+    return [row[0] for row in pool.clients[0].call("/generate", body)["samples"]]
+
+
+def _max_diff(model, prompts, samples) -> float:
+    return max(float((student_logprobs(model, p, s["token_ids"]) - torch.tensor(s["logprobs"])).abs().max())
+               for p, s in zip(prompts, samples, strict=True))  # fmt: skip
+
+
+def _step(model, generator, scale: float) -> None:
+    """An optimizer step's worth of change to every trainable tensor."""
+    with torch.no_grad():
+        for p in (p for p in model.parameters() if p.requires_grad):
+            p.add_(torch.randn(p.shape, generator=generator) * scale)
+
+
+def _sampler(model, pool, trainable: str, dtype: str, tolerance: float, folder: Path, bucket_mb: float):
+    from zeda_cli.distill.generation.sync import FileTransport, sync_units
+    from zeda_cli.distill.generation.vllm import SyncPlan, _whole
+
+    select_trainable(model, trainable)
+    plan = SyncPlan(sync_units(model, trainable), _whole, dtype, int(bucket_mb * 2**20),
+                    FileTransport(pool.load_weights, folder), check_every=1)  # fmt: skip
+    return plan
+
+
+@pytest.mark.parametrize("case", ["bundled", "glm4_moe_lite_flash"])
+def test_streamed_sync_keeps_the_server_on_the_trainers_weights(dyn, case, tmp_path, record):
+    """Three router-only then three full-parameter steps, each synced module by module in small buckets: the
+    server's log-probs of its own samples equal the trainer's model's (fp32, 1e-3) and differ from the weights it
+    started with; the probe after every sync agrees."""
+    from zeda_cli.distill.generation.vllm import running_servers
+
+    folder = dyn if case == "bundled" else _flash(tmp_path)
+    tok = load_tokenizer(folder)
+    prompts = ([tok(json.loads(line)["prompt"])["input_ids"][:32] for line in PROMPTS.read_text().splitlines()[:4]]
+               if case == "bundled" else [[5, 10, 20, 30, 42, 7, 9, 50], [17, 18, 19, 60, 3, 4, 44, 71]])  # fmt: skip
+    model = load_model(folder, dtype=torch.float32).eval()
+    start = load_model(folder, dtype=torch.float32).eval()
+    spec = ServerSpec(str(folder), "float32", 256, tmp_path / "engine.log")
+    generator = torch.Generator().manual_seed(0)
+    with running_servers([spec], GenerationSection(engine="vllm", enforce_eager=True)) as pool:
+        step = 0
+        for trainable, scale in (("router", 0.05), ("full", 0.01)):
+            # buckets smaller than one sync, so that every sync is several (a router-only one is ~60 KB)
+            plan = _sampler(model, pool, trainable, "float32", 1e-3, tmp_path, bucket_mb=0.25 if trainable == "full"
+                            else 0.004)  # fmt: skip
+            sampler = VllmSampler(pool, prompts[0], 1e-3, None, plan, start=step)
+            sampler.sync(model, step)  # the probe of the weights the server holds now
+            for _ in range(3):
+                _step(model, generator, scale)
+                step += 1
+                sampler.sync(model, step)
+                record.setdefault(f"{case}/{trainable}", []).append(
+                    {"bytes": sampler.last.bytes, "buckets": sampler.last.buckets, "seconds": sampler.last.seconds}
+                )
+            samples = _served_logprobs(pool, prompts)
+            synced, stale = _max_diff(model, prompts, samples), _max_diff(start, prompts, samples)
+            record[f"{case}/{trainable}/parity"] = {"synced": synced, "stale": stale}
+            assert synced <= 1e-3 and stale > 1e-2, (trainable, synced, stale)
+            assert sampler.last.buckets > 1
+
+
+def test_in_bf16_the_probe_tolerance_separates_stale_from_synced_weights(dyn, tmp_path, record):
+    """Router-only steps of the demo recipe's size (lr 1e-3): the bf16 server after a sync is within the probe's
+    tolerance of the fp32 trainer; the same server before the sync is not."""
+    from zeda_cli.distill.generation.vllm import probe_tolerance, running_servers
+
     tok = load_tokenizer(dyn)
-    prompts = [tok(json.loads(line)["prompt"])["input_ids"] for line in PROMPTS.read_text().splitlines()[:4]]
+    probe = tok(json.loads(PROMPTS.read_text().splitlines()[0])["prompt"])["input_ids"][:64]
     model = load_model(dyn, dtype=torch.float32).eval()
-    start = load_model(dyn, dtype=torch.float32).eval()
-    select_trainable(model, "router")
-    spec = ServerSpec(str(dyn), "float32", 256, tmp_path / "engine.log")
-    generation = GenerationSection(engine="vllm", enforce_eager=True)
-    with running_server(spec, generation) as client:
-        sampler = VllmSampler(client, prompts[0], tolerance=1e-3)
-        generator = torch.Generator().manual_seed(0)
-        for _ in range(3):  # an optimizer step's worth of change to every router, then the sync
-            with torch.no_grad():
+    spec = ServerSpec(str(dyn), "bfloat16", 256, tmp_path / "engine.log")
+    tolerance = probe_tolerance("bfloat16")
+    with running_servers([spec], GenerationSection(engine="vllm", enforce_eager=True)) as pool:
+        plan = _sampler(model, pool, "router", "bfloat16", tolerance, tmp_path, bucket_mb=512)
+        sampler = VllmSampler(pool, probe, tolerance, None, plan, start=0)
+        generator = torch.Generator().manual_seed(1)
+        diffs = []
+        for step in (1, 2, 3):
+            with torch.no_grad():  # Adam's first steps move every element by about the learning rate
                 for p in (p for p in model.parameters() if p.requires_grad):
-                    p.add_(torch.randn(p.shape, generator=generator) * 0.05)
-            assert sampler.sync(model, 1) > 0
-        body = {"prompts": prompts, "max_tokens": 24, "temperature": 1.0, "top_p": 1.0, "seed": 5}
-        samples = [row[0] for row in client.call("/generate", body)["samples"]]
-    synced = stale = 0.0
-    for prompt, sample in zip(prompts, samples, strict=True):
-        engine = torch.tensor(sample["logprobs"])
-        synced = max(synced, float((student_logprobs(model, prompt, sample["token_ids"]) - engine).abs().max()))
-        stale = max(stale, float((student_logprobs(start, prompt, sample["token_ids"]) - engine).abs().max()))
-    assert synced <= 1e-3 and stale > 1e-2, (synced, stale)
+                    p.add_(torch.sign(torch.randn(p.shape, generator=generator)) * 1e-3 * 8)
+            stale = _probe_diff(model, pool, probe)
+            sampler.sync(model, step)
+            diffs.append({"stale": stale, "synced": _probe_diff(model, pool, probe)})
+    record["bf16_probe"] = {"tolerance": tolerance, "steps": diffs}
+    assert all(d["synced"]["used"] <= tolerance < d["stale"]["used"] for d in diffs), diffs
 
 
-def test_convert_end_to_end_with_the_vllm_engine(tmp_path):
+def _probe_diff(model, pool, probe: list[int]) -> dict[str, float]:
+    from zeda_cli.distill.generation.vllm import probe_difference
+
+    served = torch.tensor(pool.clients[0].score([probe])[0])
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([probe]), use_cache=False).logits[0].float()
+    mine = torch.log_softmax(logits[:-1], -1).gather(-1, torch.tensor(probe[1:])[:, None]).squeeze(-1)
+    return {"used": probe_difference(mine, served, "bfloat16"), "max": float((mine - served).abs().max())}
+
+
+def _flash(tmp_path: Path) -> Path:
+    from vllm_harness import save_serving_tiny
+
+    static = save_serving_tiny("glm4_moe_lite_flash", tmp_path / "flash-static")
+    return inject_zero_experts(str(static), tmp_path / "flash", zero=ZeroExpertsSection()).out
+
+
+@pytest.fixture(scope="module")
+def record():
+    """Numbers the tests measured, for the closing note and the README: .pytest_cache/generation-vllm.json."""
+    values: dict = {}
+    yield values
+    path = ROOT / ".pytest_cache" / "generation-vllm.json"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(values, indent=2))
+
+
+def test_convert_end_to_end_full_parameter_with_the_teacher_scored_by_its_server(tmp_path):
+    """The bundled model through every stage with vLLM servers: teacher rollouts, then a full-parameter stage 2 whose
+    student is synced (every module) after each step and whose samples the teacher's server scores."""
     out = tmp_path / "dyn"
     small = ["data.max_prompts=32", "rollout.max_new_tokens=32", "stage1.epochs=1", "stage2.steps=3",
-             "stage2.prompts_per_step=4", "stage2.max_new_tokens=16"]  # fmt: skip
+             "stage2.prompts_per_step=4", "stage2.max_new_tokens=16", "stage2.trainable=full", "stage2.loss=sampled",
+             "stage2.teacher_logprobs=engine", "stage2.optim.lr=1e-4"]  # fmt: skip
     proc = zeda("convert", str(BUNDLED), "--out", str(out), "--recipe", "tiny-demo", *sets(small + VLLM), "--json")
     assert proc.returncode == 0, proc.stderr[-3000:]
     for stage in ("inject", "rollouts", "stage1", "stage2", "export"):
         assert read_manifest(out / stage).done, stage
     assert "zeda-vllm active" in (out / "stage2" / "engine.log").read_text()  # the student ran through the plugin
+    assert "ready" in (out / "stage2" / "teacher.log").read_text()  # and the teacher had a server of its own
     metrics = [json.loads(line) for line in (out / "stage2" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in metrics] == [1, 2, 3] and all(r["sync_s"] > 0 for r in metrics[:-1])
+    assert [r["step"] for r in metrics] == [1, 2, 3]
+    assert all(r["sync_bytes"] > 4_000_000 for r in metrics[:-1])  # every module, not the routers alone
     assert not engines_alive(str(out))
     # The rollout records are those of the hf engine: same fields, same types, EOS kept on finished responses.
     assert json.loads((out / "rollouts" / "rollouts.meta.json").read_text())["engine"] == "vllm"
@@ -181,6 +275,62 @@ def test_zero3_ranks_sample_from_the_engine_and_rank_0_syncs_the_router(dyn, tmp
                 env=env, timeout=1200)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in metrics] == [1, 2, 3] and all(r["sync_s"] > 0 for r in metrics[:-1])
+    assert [r["step"] for r in metrics] == [1, 2, 3]
+    # rank 0 streamed the four routers after each step, and the probe after step 1 (which raises) found them served
+    assert all(r["sync_buckets"] == 1 and r["sync_bytes"] == 4 * 24 * 160 * 4 for r in metrics[:-1]), metrics
+    trained, initial = load_model(out, dtype=torch.float32), load_model(dyn, dtype=torch.float32)
+    changed = [n for n, p in trained.state_dict().items() if not torch.equal(p, initial.state_dict()[n])]
+    assert changed and all(n.endswith("mlp.gate.weight") for n in changed)
     assert read_manifest(out).done and "zeda-vllm active" in (out / "engine.log").read_text()
+    assert not engines_alive(str(out))
+
+
+def test_a_dead_server_under_two_ranks_is_one_line_exit_5_and_the_stage_resumes(dyn, tmp_path):
+    out = tmp_path / "s2"
+    zero3 = str(ROOT / "recipes" / "deepspeed" / "zero3.json")
+    overrides = [*VLLM, "stage2.steps=12", "stage2.prompts_per_step=4", "stage2.max_new_tokens=8",
+                 "stage2.micro_batch_size=4", "stage2.save_every=2", f"distributed.deepspeed={zero3}",
+                 "distributed.nproc=2"]  # fmt: skip
+    command = [sys.executable, "-m", "zeda_cli", "distill", "--stage", "2", str(dyn), "--out", str(out), "--recipe",
+               "tiny-demo", *sets(overrides)]  # fmt: skip
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline and proc.poll() is None:
+        log = out / "metrics.jsonl"
+        if log.exists() and len(log.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.2)
+    os.kill(json.loads((out / "engine.ready.json").read_text())["pid"], signal.SIGKILL)
+    _, err = proc.communicate(timeout=600)
+    lines = [line for line in err.splitlines() if line.startswith("Error:")]
+    assert proc.returncode == EXIT_EXTERNAL and len(lines) == 1, err[-3000:]
+    assert "vLLM generation engine" in lines[0] and "resume" in lines[0]
+    assert not read_manifest(out).done and not engines_alive(str(out))
+    again = zeda(*command[3:], "--resume", env=env, timeout=1200)
+    assert again.returncode == 0, again.stderr[-3000:]
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 13)) and read_manifest(out).done
+
+
+def test_convert_the_glm_shaped_model_full_parameter_with_vllm(tmp_path):
+    """GLM-4.7-Flash's structure (MLA with its real latent, sigmoid router + correction bias, shared expert) at tiny
+    width through every stage with vLLM servers and a full-parameter stage 2."""
+    from tiny_models import tiny_tokenizer, write_prompts
+    from vllm_harness import save_serving_tiny
+
+    static = save_serving_tiny("glm4_moe_lite_flash", tmp_path / "glm")
+    tiny_tokenizer().save_pretrained(static)
+    prompts = write_prompts(tmp_path / "prompts.jsonl", 16, seed=4)
+    out = tmp_path / "dyn"
+    small = [f"data.prompts={prompts}", "rollout.max_new_tokens=16", "rollout.batch_size=16", "stage1.epochs=1",
+             "stage1.global_batch_size=8", "stage1.micro_batch_size=8", "stage2.steps=3",
+             "stage2.prompts_per_step=4", "stage2.max_new_tokens=8", "stage2.trainable=full", "stage2.loss=sampled",
+             "stage2.optim.lr=1e-3", "zero_experts.num_zero_experts=4"]  # fmt: skip
+    proc = zeda("convert", str(static), "--out", str(out), "--recipe", "tiny-demo", *sets(small + VLLM), "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for stage in ("inject", "rollouts", "stage1", "stage2", "export"):
+        assert read_manifest(out / stage).done, stage
+    metrics = [json.loads(line) for line in (out / "stage2" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in metrics] == [1, 2, 3] and all(r["sync_bytes"] > 0 for r in metrics[:-1])
     assert not engines_alive(str(out))

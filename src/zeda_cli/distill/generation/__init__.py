@@ -65,8 +65,9 @@ class Generator(Protocol):
     def teacher_sampler(self, teacher: TeacherSpec, recipe: Recipe, prompts: list[list[int]], max_new_tokens: int,
                         log_dir: Path) -> AbstractContextManager[Sampler]: ...  # fmt: skip
     def serve_student(self, job: Any, prompts: Any) -> AbstractContextManager[Servers]: ...
-    def student_sampler(self, job: Any, engine: Any, tokenizer: Any, prompts: list[list[int]],
-                        servers: Servers) -> Sampler: ...  # fmt: skip
+    def student_sampler(self, job: Any, engine: Any, tokenizer: Any, prompts: list[list[int]], servers: Servers,
+                        backend: Any = None, start: int = 0) -> Sampler: ...  # fmt: skip
+    def teacher_scorer(self, job: Any, engine: Any, servers: Servers) -> Any: ...
 
 
 GENERATORS = {"hf": ".hf", "vllm": ".vllm"}  # generation.engine -> the module whose GENERATOR implements it

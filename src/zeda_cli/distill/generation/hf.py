@@ -90,9 +90,12 @@ class HfGenerator:
     def serve_student(self, job: Any, prompts: Any) -> Any:
         return no_servers()
 
-    def student_sampler(self, job: Any, engine: Any, tokenizer: Any, prompts: list[list[int]],
-                        servers: Servers) -> HfSampler:  # fmt: skip
+    def student_sampler(self, job: Any, engine: Any, tokenizer: Any, prompts: list[list[int]], servers: Servers,
+                        backend: Any = None, start: int = 0) -> HfSampler:  # fmt: skip
         return HfSampler(engine.module, tokenizer, engine.device, synced_gpus=engine.world_size > 1)
+
+    def teacher_scorer(self, job: Any, engine: Any, servers: Servers) -> Any:
+        raise ValueError("stage2.teacher_logprobs engine needs generation.engine vllm (the recipe refuses it)")
 
 
 GENERATOR = HfGenerator()
