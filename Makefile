@@ -37,7 +37,7 @@ $(VLLM_VENV)/.plugin-installed: $(VLLM_VENV)/.vllm-installed $(VLLM_PLUGIN_FILES
 
 # The test command of the README and of .ci/run (the vLLM tests run in it: they drive .venv-vllm).
 test: install install-vllm
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -rs
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"

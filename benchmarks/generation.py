@@ -30,7 +30,8 @@ from typing import Any
 
 import torch
 
-from common import ROOT, machine, print_table, write_result, zeda_child
+from common import ROOT, machine, print_table, run_tree, write_result, zeda_child
+from provenance import provenance
 from speed_e2e import E2E_QUICK, E2EShape, build_e2e_models
 from zeda_cli.distill.generation import SamplingSettings, generator
 from zeda_cli.inject import inject_zero_experts
@@ -55,9 +56,20 @@ def write_slice(shape: E2EShape, folder: Path) -> Path:
     return folder
 
 
+def env_sets(args: argparse.Namespace) -> list[str]:
+    """The device and vLLM environment every zeda command of the run gets (a GPU machine: --device cuda and the
+    CUDA build's Python)."""
+    return [f"runtime.device={args.device}"] + ([f"generation.vllm_python={args.vllm_python}"] if args.vllm_python
+                                                 else [])  # fmt: skip
+
+
+def gen_section(args: argparse.Namespace, **values: Any) -> GenerationSection:
+    return GenerationSection(**values, **({"vllm_python": str(args.vllm_python)} if args.vllm_python else {}))
+
+
 def rollout_speed(folder: Path, engine: str, prompts: list[list[int]], args: argparse.Namespace, work: Path) -> dict:
-    generation = GenerationSection(engine=engine, dtype="bfloat16", enforce_eager=args.quick)
-    recipe = Recipe(runtime=RuntimeSection(dtype="bfloat16", device="cpu"), generation=generation)
+    generation = gen_section(args, engine=engine, dtype="bfloat16", enforce_eager=args.quick)
+    recipe = Recipe(runtime=RuntimeSection(dtype="bfloat16", device=args.device), generation=generation)
     settings = SamplingSettings(args.new_tokens, temperature=1.0)
     began = time.perf_counter()
     teacher = TeacherSpec(path=str(folder), masked=False)
@@ -85,7 +97,12 @@ def zeda(*args: str) -> str:
 
 def stage2_speed(inject: Path, engine: str, args: argparse.Namespace, work: Path) -> dict:
     out = work / f"stage2-{engine}"
-    sets = [f"stage2.steps={args.steps}", f"generation.engine={engine}", "generation.enforce_eager=true"]
+    sets = [
+        f"stage2.steps={args.steps}",
+        f"generation.engine={engine}",
+        "generation.enforce_eager=true",
+        *env_sets(args),
+    ]
     began = time.perf_counter()
     zeda("distill", "--stage", "2", str(inject), "--out", str(out), "--recipe", "tiny-demo", "--overwrite", "-q",
          *(a for s in sets for a in ("--set", s)))  # fmt: skip
@@ -99,12 +116,125 @@ def stage2_speed(inject: Path, engine: str, args: argparse.Namespace, work: Path
             "final_kl": records[-1]["kl"], "zero_share": records[-1]["zero_share"]}  # fmt: skip
 
 
-def demo_quality(engine: str, work: Path) -> dict[str, Any]:
+class PeakWatch:
+    """Samples this process's anonymous memory and the largest file in a folder while active (a thread)."""
+
+    def __init__(self, folder: Path, poll_s: float = 0.01):
+        import threading
+
+        self.folder, self.poll_s, self.stop = folder, poll_s, threading.Event()
+        self.base = self.peak = _rss_anon()
+        self.staged = 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            self.peak = max(self.peak, _rss_anon())
+            sizes = [p.stat().st_size for p in self.folder.glob("zeda-sync-*.safetensors") if p.exists()]
+            self.staged = max([self.staged, *sizes])
+            time.sleep(self.poll_s)
+
+    def __enter__(self) -> PeakWatch:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+def _rss_anon() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
+
+
+def sync_cost(folder: Path, trainable: str, bucket_mb: int, work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """One sync of the trainable modules into a bf16 server after a step: bytes, seconds, buckets, and the extra
+    memory it took on the trainer (anonymous memory above the level before) and in the staging folder."""
+    import torch
+
+    from zeda_cli import load_model
+    from zeda_cli.distill.generation.sync import FileTransport, sync_units
+    from zeda_cli.distill.generation.vllm import ServerSpec, SyncPlan, VllmSampler, _whole, running_servers
+    from zeda_cli.distill.student import select_trainable
+
+    model = load_model(folder, dtype=torch.float32).eval()
+    select_trainable(model, trainable)
+    staging = work / f"staging-{trainable}"
+    staging.mkdir(parents=True, exist_ok=True)
+    spec = ServerSpec(str(folder), "bfloat16", 256, work / f"sync-{trainable}.log")
+    units = sync_units(model, trainable)
+    largest = max(sum(p.numel() for p in m.parameters()) * 2 for _, m in units)
+    with running_servers([spec], gen_section(args, engine="vllm", enforce_eager=True)) as pool:
+        plan = SyncPlan(units, _whole, "bfloat16", bucket_mb * 2**20, FileTransport(pool.load_weights, staging), 10**6)
+        sampler = VllmSampler(pool, [1, 2, 3, 4], 1.0, None, plan, start=0)
+        with torch.no_grad():
+            for p in (p for p in model.parameters() if p.requires_grad):
+                p.mul_(1.0001)
+        with PeakWatch(staging) as watch:
+            sampler.sync(model, 1)
+    stats = sampler.last
+    assert stats is not None
+    return {"trainable": trainable, "bucket_mb": bucket_mb, "bytes": stats.bytes, "buckets": stats.buckets,
+            "seconds": round(stats.seconds, 3), "extra_peak_mb": round((watch.peak - watch.base) / 2**20, 1),
+            "staged_peak_mb": round(watch.staged / 2**20, 1), "largest_module_mb": round(largest / 2**20, 1),
+            "bound_mb": round(bucket_mb + 2 * largest / 2**20, 1),
+            "within_bound": (watch.peak - watch.base) <= bucket_mb * 2**20 + 2 * largest}  # fmt: skip
+
+
+def stage2_variant(inject: Path, name: str, sets: list[str], args: argparse.Namespace, work: Path) -> dict:
+    """``zeda distill --stage 2`` of the bundled model (tiny-demo, sampled loss) with ``sets``: the median step time,
+    and the trainer process's peak memory (anonymous, sampled) — the launching process is the trainer here."""
+    out = work / f"stage2-{name}"
+    common = ["stage2.loss=sampled", f"stage2.steps={args.steps}", "generation.enforce_eager=true", *env_sets(args)]
+    tree = run_tree(zeda_child("distill", "--stage", "2", str(inject), "--out", str(out), "--recipe", "tiny-demo",
+                               "--overwrite", "-q", *(a for x in [*common, *sets] for a in ("--set", x))))  # fmt: skip
+    if tree.returncode != 0:
+        raise RuntimeError(f"stage 2 ({name}) failed: {tree.output[-2000:]}")
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step_tokens"] / r["tokens_per_s"] for r in records[1:]]  # the first step also warms up
+    [trainer] = tree.peaks_of("zeda_cli distill")
+    return {"variant": name, "median_step_s": round(statistics.median(steps), 3), "steps": len(records),
+            "trainer_peak_anon_gb": round(trainer["peak_anon_bytes"] / 2**30, 3),
+            "final_kl": records[-1]["kl"]}  # fmt: skip
+
+
+def batching(inject: Path, prompts: list[list[int]], new_tokens: int, work: Path, args: argparse.Namespace
+             ) -> dict[str, Any]:  # fmt: skip
+    """One server, the step's 16 sequences: two ranks each posting their half at once (the old per-rank requests,
+    which the server serves one after the other) against one request with all of them (what rank 0 sends now)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from zeda_cli.distill.generation.vllm import ServerSpec, running_servers
+
+    batch = (prompts * 4)[:16]
+    settings = SamplingSettings(new_tokens, temperature=1.0)
+    spec = ServerSpec(str(inject), "float32", 512, work / "batching.log")
+    times: dict[str, list[float]] = {"per_rank": [], "batched": []}
+    with running_servers([spec], gen_section(args, engine="vllm", enforce_eager=True)) as pool:
+        client = pool.clients[0]
+        client.generate(batch[:2], SamplingSettings(4), seed=0)  # warm-up
+        for round_ in range(3):
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(2) as ex:
+                list(ex.map(lambda half, r=round_: client.generate(half, settings, r), (batch[:8], batch[8:])))
+            times["per_rank"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            client.generate(batch, settings, round_)
+            times["batched"].append(time.perf_counter() - t0)
+    median = {k: statistics.median(v) for k, v in times.items()}
+    return {"sequences": len(batch), "new_tokens": new_tokens, "per_rank_s": round(median["per_rank"], 3),
+            "batched_s": round(median["batched"], 3),
+            "speedup": round(median["per_rank"] / median["batched"], 2)}  # fmt: skip
+
+
+def demo_quality(engine: str, work: Path, args: argparse.Namespace) -> dict[str, Any]:
     """``zeda convert`` of the bundled model with the demo recipe up to stage 2, then ``zeda eval`` of stage 2."""
     out = work / f"demo-{engine}"
     began = time.perf_counter()
     summary = json.loads(zeda("convert", str(BUNDLED), "--out", str(out), "--recipe", "tiny-demo", "--to", "stage2",
-                              "--set", f"generation.engine={engine}", "--json", "-q"))  # fmt: skip
+                              *(a for x in [f"generation.engine={engine}", *env_sets(args)] for a in ("--set", x)),
+                              "--json", "-q"))  # fmt: skip
     stages = {stage["stage"]: stage["seconds"] for stage in summary["stages"]}
     wall = time.perf_counter() - began
     ev = json.loads(zeda("eval", str(out / "stage2"), "--json", "-q"))
@@ -112,69 +242,120 @@ def demo_quality(engine: str, work: Path) -> dict[str, Any]:
             "nll_delta_pct": ev["nll_delta_pct"], "expert_flops_ratio": ev["expert_flops_ratio"]}  # fmt: skip
 
 
+PARTS = ("rollouts", "stage2", "teacher", "engines", "batching", "sync", "quality")
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    shape = replace(E2E_QUICK, vocab=4096) if args.quick else E2EShape()
+    shape = replace(E2E_QUICK, vocab=4096) if args.quick else E2EShape(layers=args.layers)
     work = Path(tempfile.mkdtemp(prefix="zeda-generation-"))
+    parts = set(args.parts)
+    result: dict[str, Any] = {"schema": "zeda.bench.generation/2", "quick": args.quick,
+                              "slice": asdict(shape) | {"params": shape.param_count()},
+                              "settings": {"batch": args.batch, "batches": args.batches, "new_tokens": args.new_tokens,
+                                           "stage2_steps": args.steps, "parts": sorted(parts)}}  # fmt: skip
     try:
         tok = load_tokenizer(BUNDLED)
         texts = [json.loads(line)["prompt"] for line in PROMPTS.read_text().splitlines()]
         prompts = [tok(t)["input_ids"] for t in texts[: args.batch * args.batches]]
-        folder = write_slice(shape, work / "slice")
-        rollouts = {e: rollout_speed(folder, e, prompts, args, work / f"engine-{e}") for e in ENGINES}
-        shutil.rmtree(folder)
         inject = inject_zero_experts(str(BUNDLED), work / "inject", zero=ZeroExpertsSection()).out
-        stage2 = {e: stage2_speed(inject, e, args, work) for e in ENGINES}
-        quality = {e: demo_quality(e, work) for e in ENGINES} if args.quality else None
+        if parts & {"rollouts", "sync"}:
+            folder = write_slice(shape, work / "slice")
+            if "rollouts" in parts:
+                result["rollout"] = {e: rollout_speed(folder, e, prompts, args, work / f"engine-{e}") for e in ENGINES}
+                r = result["rollout"]
+                result["rollout_speedup_vllm_over_hf"] = round(r["vllm"]["tokens_per_s"] / r["hf"]["tokens_per_s"], 2)
+            if "sync" in parts:
+                sliced = inject_zero_experts(str(folder), work / "slice-inject", zero=ZeroExpertsSection()).out
+                result["sync"] = [
+                    {"model": "bundled", **sync_cost(inject, t, 1, work, args)} for t in ("router", "full")
+                ]
+                result["sync"] += [{"model": "slice", **sync_cost(sliced, t, args.bucket_mb, work, args)}
+                                   for t in ("router", "full")]  # fmt: skip
+                shutil.rmtree(sliced, ignore_errors=True)
+            shutil.rmtree(folder, ignore_errors=True)
+        if "stage2" in parts:
+            result["stage2"] = {e: stage2_speed(inject, e, args, work) for e in ENGINES}
+        vllm = ["generation.engine=vllm"]
+        if "teacher" in parts:
+            result["teacher"] = [stage2_variant(inject, "trainer teacher", [*vllm, "stage2.teacher_logprobs=trainer"],
+                                                args, work),
+                                 stage2_variant(inject, "engine teacher", [*vllm, "stage2.teacher_logprobs=engine"],
+                                                args, work)]  # fmt: skip
+        if "engines" in parts:
+            result["engines"] = [stage2_variant(inject, f"{n} student server{'s' if n > 1 else ''}",
+                                                [*vllm, f"generation.num_engines={n}"], args, work)
+                                 for n in (1, 2)]  # fmt: skip
+        if "batching" in parts:
+            result["batching"] = batching(inject, prompts, args.new_tokens, work, args)
+        if "quality" in parts:
+            result["demo_quality"] = {e: demo_quality(e, work, args) for e in ENGINES}
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    speedup = rollouts["vllm"]["tokens_per_s"] / rollouts["hf"]["tokens_per_s"]
-    return {"schema": "zeda.bench.generation/1", "machine": machine(), "quick": args.quick,
-            "slice": asdict(shape) | {"params": shape.param_count()},
-            "settings": {"batch": args.batch, "batches": args.batches, "new_tokens": args.new_tokens,
-                         "stage2_steps": args.steps},
-            "rollout": rollouts, "stage2": stage2, "demo_quality": quality,
-            "rollout_speedup_vllm_over_hf": round(speedup, 2),
-            "goal": {"target": "vllm >= 3x hf rollout tokens/s", "met": speedup >= 3.0}}  # fmt: skip
+    return result
 
 
 def show(result: dict[str, Any]) -> None:
-    r, s, cfg = result["rollout"], result["stage2"], result["settings"]
-    columns = ("tokens_per_s", "tokens", "seconds", "startup_s")
-    print_table(f"Rollouts: Qwen3-30B-A3B slice, {result['slice']['layers']} layers, batch {cfg['batch']} x "
-                f"{cfg['new_tokens']} new tokens, bf16", ["engine", "tokens/s", "tokens", "seconds", "start-up s"],
-                [(e, *(r[e][k] for k in columns)) for e in ENGINES])  # fmt: skip
-    columns = ("median_step_s", "median_sync_s", "steps", "wall_s")
-    print_table("Stage 2 on the bundled model (tiny-demo, router-only)",
-                ["engine", "median step s", "median sync s", "steps", "wall s (with start-up)"],
-                [(e, *(s[e][k] for k in columns)) for e in ENGINES])  # fmt: skip
-    if result["demo_quality"]:
+    cfg = result["settings"]
+    if "rollout" in result:
+        r = result["rollout"]
+        columns = ("tokens_per_s", "tokens", "seconds", "startup_s")
+        print_table(f"Rollouts: Qwen3-30B-A3B slice, {result['slice']['layers']} layers, batch {cfg['batch']} x "
+                    f"{cfg['new_tokens']} new tokens, bf16", ["engine", "tokens/s", "tokens", "seconds", "start-up s"],
+                    [(e, *(r[e][k] for k in columns)) for e in ENGINES])  # fmt: skip
+    if "stage2" in result:
+        s = result["stage2"]
+        columns = ("median_step_s", "median_sync_s", "steps", "wall_s")
+        print_table("Stage 2 on the bundled model (tiny-demo, router-only)",
+                    ["engine", "median step s", "median sync s", "steps", "wall s (with start-up)"],
+                    [(e, *(s[e][k] for k in columns)) for e in ENGINES])  # fmt: skip
+    for key, title in (("teacher", "Stage 2, teacher in the trainer vs scored by its server (bundled model)"),
+                       ("engines", "Stage 2, one student server vs two (bundled model)")):  # fmt: skip
+        if key in result:
+            print_table(title, ["variant", "median step s", "trainer peak GB", "final KL"],
+                        [(v["variant"], v["median_step_s"], v["trainer_peak_anon_gb"], v["final_kl"])
+                         for v in result[key]])  # fmt: skip
+    if "batching" in result:
+        b = result["batching"]
+        print_table(f"One server, {b['sequences']} sequences x {b['new_tokens']} tokens",
+                    ["two ranks' requests s", "one batched request s", "speed-up"],
+                    [(b["per_rank_s"], b["batched_s"], b["speedup"])])  # fmt: skip
+    if "sync" in result:
+        print_table("Weight sync after a step (bf16 server)",
+                    ["model", "trainable", "MB sent", "buckets", "s", "extra peak MB", "staged peak MB", "bound MB"],
+                    [(x["model"], x["trainable"], round(x["bytes"] / 2**20, 1), x["buckets"], x["seconds"],
+                      x["extra_peak_mb"], x["staged_peak_mb"], x["bound_mb"]) for x in result["sync"]])  # fmt: skip
+    if result.get("demo_quality"):
         q = result["demo_quality"]
         stages = ("rollout", "stage1", "stage2")
         print_table("The demo recipe end to end (zeda convert --to stage2, then zeda eval)",
                     ["engine", "zero share", "NLL rise %", *(f"{x} s" for x in stages), "convert s"],
                     [(e, q[e]["zero_share"], q[e]["nll_delta_pct"], *(q[e]["stage_s"].get(x) for x in stages),
                       q[e]["convert_s"]) for e in ENGINES])  # fmt: skip
-    print(f"vllm / hf rollout throughput: {result['rollout_speedup_vllm_over_hf']}x "
-          f"(goal >= 3x: {'met' if result['goal']['met'] else 'not met'})")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--parts", nargs="*", default=None, choices=PARTS, help="default: all but quality")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--batches", type=int, default=None, help="timed rollout batches (default 2; quick 1)")
     parser.add_argument("--new-tokens", type=int, default=None, help="default 128; quick 16")
     parser.add_argument("--steps", type=int, default=None, help="stage-2 steps per engine (default 20; quick 3)")
+    parser.add_argument("--layers", type=int, default=4, help="decoder layers of the full-width slice")
+    parser.add_argument("--bucket-mb", type=int, default=512, help="sync bucket of the slice's full sync")
     parser.add_argument("--quality", action="store_true", help="also convert + eval the demo recipe per engine")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="runtime.device of every run")
+    parser.add_argument("--vllm-python", type=Path, default=None, help="generation.vllm_python (default .venv-vllm)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     args.batches = args.batches or (1 if args.quick else 2)
     args.new_tokens = args.new_tokens or (16 if args.quick else 128)
     args.steps = args.steps or (3 if args.quick else 20)
-    began = time.perf_counter()
+    args.parts = args.parts or [p for p in PARTS if p != "quality" or args.quality]
     result = run(args)
-    result["wall_seconds"] = round(time.perf_counter() - began, 1)
-    path = write_result("generation-quick" if args.quick else "generation-cpu", result, args.out)
+    inputs = {"bundled_model": BUNDLED, "prompts": PROMPTS, "tiny_demo": ROOT / "recipes" / "tiny-demo.yaml"}
+    result.update(machine=machine(), **provenance(inputs=inputs))
+    path = write_result("generation-quick" if args.quick else f"generation-{args.device}", result, args.out)
     show(result)
     print(f"wrote {path}")
     return result

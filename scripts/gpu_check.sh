@@ -8,7 +8,7 @@
 #   2. benchmarks/serve_vllm.py: static vs dynamic serving speed, bf16, piecewise CUDA graphs
 #      -> benchmarks/results/serve-vllm-gpu.json;
 #   3. benchmarks/generation.py: hf vs vllm generation for distillation, bf16, piecewise CUDA graphs
-#      -> benchmarks/results/generation-gpu.json (needs the flags listed below; skipped with a line otherwise).
+#      (rollouts, one batched request vs per-rank requests, weight sync) -> benchmarks/results/generation-gpu.json.
 #
 #     bash scripts/gpu_check.sh
 #
@@ -70,12 +70,7 @@ run gpu-tests 180 .venv/bin/python -m pytest -q -m gpu tests
 run serve-vllm 210 "$VLLM_PY" benchmarks/serve_vllm.py --dtype bfloat16 --repeats 3 --out "$RESULTS/serve-vllm-gpu.json"
 
 # benchmarks/generation.py runs in .venv and starts its vLLM engine with zeda's default vLLM Python (.venv-vllm) and
-# its hf engine on the CPU; on a GPU it needs a device and a vLLM Python to point at the CUDA build.
-if .venv/bin/python benchmarks/generation.py --help 2>/dev/null | grep -q -- "--vllm-python" \
-    && .venv/bin/python benchmarks/generation.py --help 2>/dev/null | grep -q -- "--device"; then
-    run generation 210 .venv/bin/python benchmarks/generation.py --device cuda --vllm-python "$VLLM_PY" \
-        --out "$RESULTS/generation-gpu.json"
-else
-    echo "gpu_check: generation skipped: benchmarks/generation.py has no --device / --vllm-python flags yet"
-fi
+# its hf engine on the CPU; on a GPU it gets --device cuda and the CUDA build as its vLLM Python.
+run generation 210 .venv/bin/python benchmarks/generation.py --device cuda --vllm-python "$VLLM_PY" \
+    --parts rollouts batching sync --out "$RESULTS/generation-gpu.json"
 exit $status

@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from zeda_cli.io.sources import checkpoint_digests
+
 
 class StaleServer:
     def __init__(self, folder: Path):
@@ -38,7 +40,8 @@ class StaleServer:
     def _route(self, path: str, req: dict[str, Any]) -> dict[str, Any]:
         with self.lock:
             if path == "/health":
-                return {"ok": True, "model": self.folder, "dynamic": True, "dtype": "float32", "weights_version": 0}
+                return {"ok": True, "model": self.folder, "dynamic": True, "dtype": "float32", "weights_version": 0,
+                        "checkpoint": {**checkpoint_digests(Path(self.folder)), "hf_overrides": {}}}  # fmt: skip
             if path == "/score":
                 sequences = req["sequences"]
                 starts = req.get("starts") or [1] * len(sequences)

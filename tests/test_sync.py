@@ -1,6 +1,7 @@
 """The weight sync into a generation server, without vLLM: whole modules under checkpoint names, streamed in bounded
 buckets; too little staging space is one line; a server that keeps stale weights, or serves another model, stops the
-stage with exit 5 and one line (tests/fake_server.py speaks the server's protocol with a reload that does nothing)."""
+stage with exit 5 and one line; a teacher server must serve the teacher (tests/fake_server.py speaks the server's
+protocol with a reload that does nothing)."""
 
 from __future__ import annotations
 
@@ -102,9 +103,49 @@ def test_a_server_that_keeps_stale_weights_stops_the_stage_with_exit_5(tiny_dyna
 
 def test_a_server_of_another_model_is_refused_before_any_step(tiny_dynamic, tmp_path):
     prompts = write_prompts(tmp_path / "p.jsonl", 8, seed=2)
-    with StaleServer(tiny_dynamic("qwen3_moe_nonorm")) as server:  # the same vocabulary, other weights
+    with StaleServer(tiny_dynamic("qwen3_moe_nonorm")) as server:  # the same vocabulary, another config
         result = _stage2(tiny_dynamic("qwen3_moe"), tmp_path / "s2", prompts, server.url)
     lines = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
     assert result.exit_code == EXIT_EXTERNAL and len(lines) == 1, result.output
-    assert "does not serve the weights it was started with" in lines[0] and "generation.student_url" in lines[0]
+    assert "serves another model than" in lines[0] and "generation.student_url" in lines[0]
     assert not (tmp_path / "s2" / "metrics.jsonl").exists()
+
+
+def test_a_server_of_the_same_structure_with_other_weights_fails_the_first_probe(tiny_dynamic, tmp_path):
+    """The checkpoint digests match (config, tensor names and shapes); only the probe sees other values."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    student = tiny_dynamic("qwen3_moe")
+    other = tmp_path / "other"
+    shutil.copytree(student, other)
+    for path in other.glob("*.safetensors"):  # new tensor bytes under the same header (names, shapes, offsets)
+        tensors, size = load_file(path), int.from_bytes(path.read_bytes()[:8], "little")
+        header = json.loads(path.read_bytes()[8 : 8 + size])
+        with path.open("r+b") as f:
+            for name, value in tensors.items():
+                f.seek(8 + size + header[name]["data_offsets"][0])
+                f.write((value + 0.05 * torch.randn_like(value)).contiguous().view(torch.uint8).numpy().tobytes())
+    prompts = write_prompts(tmp_path / "p.jsonl", 8, seed=2)
+    with StaleServer(other) as server:
+        result = _stage2(student, tmp_path / "s2", prompts, server.url)
+    lines = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert result.exit_code == EXIT_EXTERNAL and len(lines) == 1, result.output
+    assert "does not serve the weights it was started with" in lines[0] and "generation.student_url" in lines[0]
+
+
+def test_a_teacher_url_that_serves_the_student_is_refused_before_any_rollout(tiny_dynamic, tmp_path):
+    """Stage 1's rollouts must come from the static teacher: a server of the injected student is refused, naming
+    generation.teacher_url."""
+    student = tiny_dynamic("qwen3_moe")
+    prompts = write_prompts(tmp_path / "p.jsonl", 4, seed=2)
+    sets = ["stage1.max_steps=1", "rollout.max_new_tokens=4", "runtime.device=cpu", "generation.engine=vllm"]
+    with StaleServer(student) as server:
+        result = runner.invoke(app, ["distill", "--stage", "1", str(student), "--out", str(tmp_path / "s1"),
+                                     "--prompts", str(prompts), "--set", f"generation.teacher_url={server.url}",
+                                     *[a for s in sets for a in ("--set", s)]])  # fmt: skip
+    lines = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert result.exit_code == EXIT_EXTERNAL and len(lines) == 1, result.output
+    assert "serves another model than" in lines[0] and "generation.teacher_url" in lines[0], lines[0]
+    assert not list((tmp_path / "s1").glob("rollouts*.jsonl")) or not (tmp_path / "s1" / "zeda.json").exists()

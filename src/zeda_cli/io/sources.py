@@ -37,16 +37,22 @@ class Source:
         the sha256 of its config.json and of its safetensors index and headers (not the tensor bytes)."""
         if self.repo_id:
             return {"repo_id": self.repo_id, "commit": self.commit or self.revision}
-        digest = hashlib.sha256()
-        for path in sorted(self.folder.glob("*.safetensors")) + sorted(self.folder.glob("*.safetensors.index.json")):
-            digest.update(path.name.encode())
-            digest.update(_header_bytes(path) if path.suffix == ".safetensors" else path.read_bytes())
-        config = self.folder / "config.json"
-        return {
-            "folder": str(self.folder.resolve()),
-            "config_sha256": hashlib.sha256(config.read_bytes()).hexdigest() if config.exists() else None,
-            "weights_sha256": digest.hexdigest(),
-        }
+        return {"folder": str(self.folder.resolve()), **checkpoint_digests(self.folder)}
+
+
+def checkpoint_digests(folder: Path) -> dict[str, str | None]:
+    """The sha256 of a folder's config.json and of its safetensors index and headers (names, dtypes, shapes and
+    offsets; not the tensor bytes, so it is cheap at any size). zeda-vllm's engine reports the same two digests of
+    the folder it serves (``GET /health``), computed the same way."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.safetensors.index.json")):
+        digest.update(path.name.encode())
+        digest.update(_header_bytes(path) if path.suffix == ".safetensors" else path.read_bytes())
+    config = folder / "config.json"
+    return {
+        "config_sha256": hashlib.sha256(config.read_bytes()).hexdigest() if config.exists() else None,
+        "weights_sha256": digest.hexdigest(),
+    }
 
 
 def _header_bytes(path: Path) -> bytes:

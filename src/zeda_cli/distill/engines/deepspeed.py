@@ -29,6 +29,7 @@ from ...recipes import OptimSection
 from ...runtime.loading import load_model
 from ..precision import precision
 from ..student import prepare_student
+from ..teachers import Need, TeacherScores, scores_of
 from . import collective_timeout_s, lr_multiplier, param_groups
 
 DS_TAG = "deepspeed"
@@ -176,10 +177,9 @@ class DeepSpeedTeacher:
         self.engine.eval()
 
     @torch.no_grad()
-    def logits(self, batch: Any) -> torch.Tensor:
-        return self.engine(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids
-        ).logits
+    def score(self, batch: Any, need: Need, chunk: int, rows: list[int] | None = None) -> TeacherScores:
+        # the module's own forward: ZeRO-3's gather hooks sit on its submodules, the head included
+        return scores_of(self.engine.module, batch, need, chunk)
 
 
 def load_deepspeed_config(path: str) -> dict[str, Any]:

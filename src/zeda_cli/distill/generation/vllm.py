@@ -187,8 +187,9 @@ def running_server(spec: ServerSpec, gen: GenerationSection, url: str | None = N
 @contextlib.contextmanager
 def running_servers(specs: list[ServerSpec], gen: GenerationSection, urls: list[str] | None = None,
                     key: str = "generation.student_url") -> Iterator[ServerPool]:  # fmt: skip
-    """Servers that are ready: the user's at ``urls``, or ``specs`` started here at once (each on its group of
-    ``generation.devices``), waited for, and always stopped again, also on Ctrl-C and on failure."""
+    """Servers that are ready: the user's at ``urls`` (each checked to serve the model of ``specs``), or ``specs``
+    started here at once (each on its group of ``generation.devices``), waited for, and always stopped again, also on
+    Ctrl-C and on failure."""
     if urls:
         clients = [ServerClient(u, gen.request_timeout_s) for u in urls]
         for client in clients:
@@ -196,6 +197,8 @@ def running_servers(specs: list[ServerSpec], gen: GenerationSection, urls: list[
                 raise ExternalError(f"no vLLM generation server answers at {client.url} ({key})",
                                     expected="a running `python -m zeda_vllm.engine --model DIR --port PORT`",
                                     fix=f"start it, or drop {key}")  # fmt: skip
+            if specs:
+                check_serves(client, specs[0], key)
         yield ServerPool(clients)
         return
     python = Path(gen.vllm_python) if gen.vllm_python else default_vllm_python()
@@ -215,6 +218,33 @@ def running_servers(specs: list[ServerSpec], gen: GenerationSection, urls: list[
         for proc, ready, _ in procs:
             stop_server(proc)
             ready.unlink(missing_ok=True)
+
+
+def check_serves(client: ServerClient, spec: ServerSpec, key: str) -> None:
+    """A server the user started must serve the folder this role needs (the teacher's or the student's): the same
+    config and checkpoint structure (``checkpoint_digests``: config.json and safetensors headers) and the same config
+    overrides (a masked teacher is the injected folder with ``use_zce_mask``). The student's weights themselves are
+    then probed against the trainer's (:meth:`VllmSampler.check`)."""
+    from ...io.sources import checkpoint_digests
+
+    served = client.health().get("checkpoint")
+    expected = {**checkpoint_digests(Path(spec.model)), "hf_overrides": dict(spec.hf_overrides)}
+    if served is None:
+        raise ExternalError(f"the vLLM server at {client.url} ({key}) does not say which model it serves",
+                            expected="a zeda-vllm engine whose /health reports its checkpoint",
+                            fix="start it with `python -m zeda_vllm.engine` of this zeda")  # fmt: skip
+    differs = [k for k in ("config_sha256", "weights_sha256", "hf_overrides")
+               if served.get(k) is not None and served.get(k) != expected[k]]  # fmt: skip
+    if differs:
+        raise ExternalError(
+            f"the vLLM server at {client.url} ({key}) serves another model than {spec.model}"
+            + (f" with {spec.hf_overrides}" if spec.hf_overrides else "")
+            + f" ({', '.join(differs)} differ)",
+            expected=f"{key} to serve {spec.model}",
+            fix=f"start that server with --model {spec.model}"
+            + (f" --hf-overrides '{json.dumps(spec.hf_overrides)}'" if spec.hf_overrides else "")
+            + f", or drop {key} to let zeda start it",
+        )
 
 
 def _start(python: Path, spec: ServerSpec, gen: GenerationSection) -> subprocess.Popen:
