@@ -77,6 +77,65 @@ def run_child(command: Sequence[str], env: dict[str, str] | None = None, poll_s:
     return ChildRun(seconds, peak, proc.returncode, output, anon)
 
 
+def _children() -> dict[int, list[int]]:
+    """ppid -> child pids, from /proc."""
+    tree: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            tree.setdefault(ppid, []).append(int(entry))
+    return tree
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+@dataclass(frozen=True)
+class TreeRun:
+    seconds: float
+    returncode: int
+    output: str
+    peaks: dict[int, dict[str, Any]]  # pid -> {"cmd", "peak_rss_bytes" (VmHWM), "peak_anon_bytes" (sampled RssAnon)}
+
+    def peaks_of(self, marker: str) -> list[dict[str, Any]]:
+        """The processes whose command line contains ``marker`` (e.g. the training ranks), in pid order."""
+        return [v for _, v in sorted(self.peaks.items()) if marker in v["cmd"]]
+
+
+def run_tree(command: Sequence[str], env: dict[str, str] | None = None, poll_s: float = 0.05) -> TreeRun:
+    """Run ``command``; the peak resident (VmHWM) and sampled peak anonymous memory of it and every process it
+    starts (e.g. the ranks a launcher starts), until it exits."""
+    began = time.perf_counter()
+    peaks: dict[int, dict[str, Any]] = {}
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        while proc.poll() is None:
+            tree, todo, seen = _children(), [proc.pid], set()
+            while todo:
+                pid = todo.pop()
+                if pid in seen:
+                    continue
+                seen.add(pid)
+                todo += tree.get(pid, [])
+                hwm, anon = _status_bytes(pid)
+                entry = peaks.setdefault(pid, {"cmd": _cmdline(pid), "peak_rss_bytes": 0, "peak_anon_bytes": 0})
+                entry["peak_rss_bytes"] = max(entry["peak_rss_bytes"], hwm)
+                entry["peak_anon_bytes"] = max(entry["peak_anon_bytes"], anon)
+            time.sleep(poll_s)
+        log.seek(0)
+        output = log.read().decode(errors="replace")
+    return TreeRun(time.perf_counter() - began, proc.returncode, output, peaks)
+
+
 def python_child(code: str) -> list[str]:
     return [sys.executable, "-c", code]
 

@@ -16,9 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def run_quick(script: str, out: Path, timeout: int = 900) -> dict:
+def run_quick(script: str, out: Path, timeout: int = 900, extra: tuple[str, ...] = ()) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    command = [sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out", str(out)]
+    command = [sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out", str(out), *extra]
     proc = subprocess.run(command, cwd=ROOT / "benchmarks", env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text())
@@ -27,19 +27,30 @@ def run_quick(script: str, out: Path, timeout: int = 900) -> dict:
 def test_quality_quick(tmp_path):
     from zeda_cli.recipes import BASELINES
 
-    result = run_quick("quality.py", tmp_path / "quality.json")
-    curves = result["curves"]
-    assert set(curves) == {"ZEDA demo", *BASELINES}
-    for method, c in curves.items():
-        assert len(c["points"]) == 2, method  # the quick budgets 0.4, 0.6
-        for p in c["points"]:
-            assert abs(p["expert_flops_ratio"] + p["zero_share"] - 1.0) < 1e-6, method
-            assert p["nll_delta_pct"] > 0 and 0.0 <= p["token_agreement"] <= 1.0, method
-        flops = [p["expert_flops_ratio"] for p in c["points"]]
-        assert all(0.3 < f < 0.75 for f in flops) and flops[0] <= flops[1], method  # calibrated on other texts
-    assert curves["ZEDA demo"]["as_evaluated"]["zero_share"] > 0 and curves["ZEDA demo"]["train_seconds"] > 0
-    assert set(result["grid"]["top_p"]) == {"0.3", "0.4", "0.5", "0.6", "0.7"}
-    assert {c["flops"] for c in result["goal"]["checks"]} <= {0.3, 0.4, 0.5}
+    result = run_quick("quality.py", tmp_path / "quality.json", timeout=1800)
+    assert set(result["fixtures"]) == {"pystdlib-moe", "pystdlib-glm"}
+    for name, fx in result["fixtures"].items():
+        demo = "ZEDA tiny-demo" if name == "pystdlib-moe" else "ZEDA tiny-glm-demo"
+        assert set(fx["curves"]) == {demo, *BASELINES}, name
+        for method, runs in fx["curves"].items():
+            for c in runs:
+                assert len(c["points"]) == 2, method  # the quick budgets 0.4, 0.6
+                for p in c["points"]:
+                    assert abs(p["expert_flops_ratio"] + p["zero_share"] - 1.0) < 1e-6, method
+                    assert p["nll_delta_pct"] > 0 and 0.0 <= p["token_agreement"] <= 1.0, method
+                    assert "records" not in p and "per_sample" not in p  # the per-record sums stay out of the JSON
+                flops = [p["expert_flops_ratio"] for p in c["points"]]
+                assert all(0.3 < f < 0.75 for f in flops) and flops[0] <= flops[1], method  # calibrated elsewhere
+        run = fx["runs"][demo][0]
+        assert run["recipe"] == demo.removeprefix("ZEDA ") and run["seed"] == 0 and run["train_seconds"] > 0
+        cell = fx["grid"]["top_p"]["0.5"]["nll_delta_pct"]
+        assert cell["value"] is not None and cell["interval"][0] <= cell["value"] <= cell["interval"][1]
+        assert set(fx["comparisons"][demo]) == {"0.3", "0.4", "0.5", "0.6", "0.7"}
+        assert fx["flops_accounting"]["routed_static_per_token"] > 0
+    glm = result["fixtures"]["pystdlib-glm"]["flops_accounting"]
+    assert glm["dense_layers"] == [0] and glm["shared_expert_per_token"] > 0
+    assert result["provenance"]["command"].startswith("python benchmarks/quality.py --quick")
+    assert isinstance(result["goal"]["met"], bool)
 
 
 def test_io_quick(tmp_path):
@@ -79,10 +90,11 @@ def test_generation_quick(tmp_path):
 
     if vllm_skip_reason():
         pytest.skip(vllm_skip_reason())
-    result = run_quick("generation.py", tmp_path / "generation.json")
+    result = run_quick("generation.py", tmp_path / "generation.json", extra=("--parts", "rollouts", "stage2"))
     for engine in ("hf", "vllm"):
         rollout, stage2 = result["rollout"][engine], result["stage2"][engine]
         assert rollout["tokens"] > 0 and rollout["tokens_per_s"] > 0 and rollout["startup_s"] > 0, engine
         assert stage2["steps"] == 3 and stage2["median_step_s"] > 0, engine
     assert result["stage2"]["vllm"]["median_sync_s"] > 0 and result["stage2"]["hf"]["median_sync_s"] == 0
-    assert result["rollout_speedup_vllm_over_hf"] > 0 and isinstance(result["goal"]["met"], bool)
+    assert result["rollout_speedup_vllm_over_hf"] > 0
+    assert result["provenance"]["command"].startswith("python benchmarks/generation.py --quick")

@@ -68,6 +68,7 @@ def _measure(
     stack: ExitStack,
     track: Callable[[Sequence[Batch], str], Any] | None,
     log: Callable[[str], None],
+    per_record: bool = False,
     **load: Any,
 ) -> dict[str, Any]:
     """Everything measured on the loaded model: the baseline's calibration, NLL / KL / routing against the teacher,
@@ -78,13 +79,14 @@ def _measure(
     tracked = (lambda b: track(b, "evaluating")) if track else iter
     scores, tally = evaluate_batches(net, batches, rc.num_experts, teacher, tracked)
     flops = ExpertFlops.of(rc)
-    out = {"teacher": reference and reference.name, **summarize(scores, tally, flops, teacher is not None),
-           "baseline": baseline}  # fmt: skip
-    scorer = task_scorer(settings, folder, tokenizer, reference, stack, log) if settings.tasks else None
+    out = {"teacher": reference and reference.name,
+           **summarize(scores, tally, flops, teacher is not None, per_record), "baseline": baseline}  # fmt: skip
+    scorer = task_scorer(settings, folder, tokenizer, reference, stack, log, per_record) if settings.tasks else None
     if scorer is not None:
         out["tasks"] = scorer(net)
     if settings.sweep_bias:
-        out["curve"] = sweep(net, routing, settings, batches, calibration, teacher, flops, rc.num_experts, scorer, log)
+        out["curve"] = sweep(net, routing, settings, batches, calibration, teacher, flops, rc.num_experts, scorer, log,
+                             per_record)  # fmt: skip
     return out
 
 
@@ -100,8 +102,11 @@ def run_eval(
     settings: EvalSection,
     track: Callable[[Sequence[Batch], str], Any] | None = None,
     log: Callable[[str], None] = lambda message: None,
+    per_record: bool = False,
 ) -> dict[str, Any]:
-    """Evaluate a static or dynamic MoE (or a baseline on the static one); returns the JSON-able result."""
+    """Evaluate a static or dynamic MoE (or a baseline on the static one); returns the JSON-able result.
+    ``per_record`` adds each held-out record's sums (and the agreement task's per-prompt metrics) to the result and
+    to every curve point: what intervals over records are computed from (benchmarks/quality.py)."""
     ref = as_model(model)
     rc, folder = ref.rc, ref.folder
     data_path, texts, calibration_path, calibration_texts = _inputs(folder, settings)
@@ -118,7 +123,7 @@ def run_eval(
     started = time.perf_counter()
     with _baseline_routing(net, settings) as routing, ExitStack() as stack:
         measured = _measure(net, rc, folder, settings, routing, tokenizer, batches, calibration, stack, track, log,
-                            dtype=dtype, device=device)  # fmt: skip
+                            per_record, dtype=dtype, device=device)  # fmt: skip
     if measured["baseline"] is not None:
         measured["baseline"]["calibration_data"] = str(calibration_path)
     result = {
@@ -184,6 +189,7 @@ def sweep(
     n: int,
     scorer: Scorer | None,
     log: Callable[[str], None],
+    per_record: bool = False,
 ) -> list[dict[str, Any]]:
     """The quality-vs-FLOPs curve: at each of ``settings.budgets`` (kept share of the expert FLOPs), the routing
     parameter is calibrated on the calibration texts (a dynamic model's zero_expert_bias, or the baseline's), then
@@ -197,7 +203,7 @@ def sweep(
             else:
                 found = calibrate_bias(net, budget, calibration, n)
             scores, tally = evaluate_batches(net, batches, n, teacher)
-            point = summarize(scores, tally, flops, teacher is not None)
+            point = summarize(scores, tally, flops, teacher is not None, per_record)
             if scorer is not None:
                 point["tasks"] = scorer(net)
             points.append({"budget": budget, **point, "calibration": found.to_dict()})
@@ -218,6 +224,7 @@ def task_scorer(
     reference: Reference | None,
     stack: ExitStack,
     log: Callable[[str], None],
+    per_sample: bool = False,
 ) -> Scorer:
     """A function scoring a model on ``settings.tasks`` with lm-eval; for the agreement task the teacher's
     continuations are generated once, here, and reused by every call."""
@@ -246,7 +253,7 @@ def task_scorer(
             raise BadInputError(f"lm-eval could not run {', '.join(settings.tasks)} ({type(err).__name__}: {err})",
                                 expected="task names lm-eval knows, with their data on this machine",
                                 fix="check --tasks, --task-data and --include-path") from err  # fmt: skip
-        return summary(results)
+        return summary(results, per_sample)
 
     return score
 

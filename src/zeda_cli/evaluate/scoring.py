@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -31,13 +31,15 @@ TeacherFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 @dataclass
 class Scores:
-    """Sums over predicted tokens; the teacher's are left at 0 when there is no teacher."""
+    """Sums over predicted tokens; the teacher's are left at 0 when there is no teacher. ``records``: the same sums
+    per evaluated sequence, ``[tokens, nll, teacher_nll]`` in batch order (for intervals over records)."""
 
     tokens: int = 0
     nll: float = 0.0
     teacher_nll: float = 0.0
     kl: float = 0.0
     agree: int = 0
+    records: list[list[float]] = field(default_factory=list)
 
     def add(self, logits: torch.Tensor, teacher: torch.Tensor | None, ids: torch.Tensor, mask: torch.Tensor) -> None:
         valid = mask[:, 1:].bool()
@@ -50,18 +52,34 @@ class Scores:
                 fix="pass the original model of this one as --teacher",
             )
         reference = teacher[:, :-1][valid] if teacher is not None else None
+        owner = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(valid)[valid].cpu()
+        per_row = torch.zeros(ids.shape[0], 2, dtype=torch.float64)
         for start in range(0, targets.numel(), 2048):  # bounded memory for large vocabularies
             rows = slice(start, start + 2048)
-            self._add_rows(student[rows], None if reference is None else reference[rows], targets[rows])
+            self._add_rows(student[rows], None if reference is None else reference[rows], targets[rows],
+                           owner[rows], per_row)  # fmt: skip
+        counts = valid.sum(dim=1).tolist()
+        self.records += [[n, nll, t_nll] for n, (nll, t_nll) in zip(counts, per_row.tolist(), strict=True)]
 
-    def _add_rows(self, student: torch.Tensor, teacher: torch.Tensor | None, targets: torch.Tensor) -> None:
+    def _add_rows(
+        self,
+        student: torch.Tensor,
+        teacher: torch.Tensor | None,
+        targets: torch.Tensor,
+        owner: torch.Tensor,
+        per_row: torch.Tensor,
+    ) -> None:
         logp = F.log_softmax(student.float(), dim=-1)
         self.tokens += targets.numel()
-        self.nll -= float(logp.gather(1, targets[:, None]).sum())
+        token_logp = logp.gather(1, targets[:, None])
+        self.nll -= float(token_logp.sum())
+        per_row[:, 0].index_add_(0, owner, -token_logp[:, 0].double().cpu())
         if teacher is None:
             return
         logq = F.log_softmax(teacher.float(), dim=-1)
-        self.teacher_nll -= float(logq.gather(1, targets[:, None]).sum())
+        teacher_logp = logq.gather(1, targets[:, None])
+        self.teacher_nll -= float(teacher_logp.sum())
+        per_row[:, 1].index_add_(0, owner, -teacher_logp[:, 0].double().cpu())
         self.kl += float(F.kl_div(logp, logq, reduction="sum", log_target=True))
         self.agree += int((logp.argmax(-1) == logq.argmax(-1)).sum())
 
@@ -88,7 +106,11 @@ def evaluate_batches(
     return scores, tally
 
 
-def summarize(scores: Scores, tally: RoutingTally, flops: ExpertFlops, has_teacher: bool) -> dict[str, Any]:
+def summarize(
+    scores: Scores, tally: RoutingTally, flops: ExpertFlops, has_teacher: bool, per_record: bool = False
+) -> dict[str, Any]:
+    """The metrics of one evaluation; ``per_record`` adds ``records`` (tokens, NLL and teacher NLL sums per
+    sequence, in batch order) for intervals over records."""
     n = max(scores.tokens, 1)
     nll = scores.nll / n
     out: dict[str, Any] = {"tokens": scores.tokens, "heldout_nll": nll, "perplexity": math.exp(min(nll, 700.0))}
@@ -102,7 +124,7 @@ def summarize(scores: Scores, tally: RoutingTally, flops: ExpertFlops, has_teach
             "top1_agreement": scores.agree / n,
         }
     kept = 1.0 - tally.share
-    return out | {
+    out |= {
         "zero_share": tally.share,
         "zero_share_per_layer": tally.per_layer(),
         "expert_flops_per_token": kept * flops.static_per_token,
@@ -110,3 +132,9 @@ def summarize(scores: Scores, tally: RoutingTally, flops: ExpertFlops, has_teach
         "expert_flops_ratio": kept,
         "shared_expert_flops_per_token": flops.shared_per_token,
     }
+    return out | ({"records": _columns(scores.records, has_teacher)} if per_record else {})
+
+
+def _columns(records: list[list[float]], has_teacher: bool) -> dict[str, list[float]]:
+    columns = {"tokens": [int(r[0]) for r in records], "nll": [r[1] for r in records]}
+    return columns | ({"teacher_nll": [r[2] for r in records]} if has_teacher else {})

@@ -60,9 +60,10 @@ def run_tasks(lm: Any, tasks: list[dict[str, Any] | str], include_path: Path | N
         evaluator.add_env_info = saved
 
 
-def summary(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def summary(results: dict[str, Any], per_sample: bool = False) -> dict[str, dict[str, Any]]:
     """``{task: {metric: value, metric_stderr: value, samples: n}}``; a task with several filters (gsm8k) gets
-    ``metric/filter`` keys."""
+    ``metric/filter`` keys. ``per_sample`` adds the agreement task's metrics per prompt (``per_sample``: metric ->
+    values in prompt order) for intervals over prompts."""
     out: dict[str, dict[str, Any]] = {}
     for task, metrics in results["results"].items():
         row: dict[str, Any] = {}
@@ -73,6 +74,9 @@ def summary(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
                     value if isinstance(value, int | float) else None
                 )
         row["samples"] = results.get("n-samples", {}).get(task, {}).get("effective")
+        if per_sample and task == AGREEMENT:
+            samples = sorted((results.get("samples") or {}).get(task, []), key=lambda s: s["doc_id"])
+            row["per_sample"] = {m: [float(s[m]) for s in samples] for m in AGREEMENT_METRICS}
         out[task] = row
     return out
 

@@ -1,0 +1,199 @@
+"""Memory you can trust: each distillation stage of a full-width slice of Qwen3-30B-A3B and of GLM-4.7-Flash (one
+decoder layer at real width, the real vocabulary, random weights) on 2 CPU ranks, under every backend (DeepSpeed
+ZeRO-3, FSDP2, FSDP2 + expert parallelism 2) and trainable scope; the peak resident memory of each rank measured
+next to the estimate `zeda convert --dry-run` prints for the same slice and settings. Then the loss's memory at 1x
+and 4x the sequence length with the same chunk size (one process).
+
+What is cut, so that full-parameter training of a layer fits 24 GB across 2 ranks: only the number of routed
+experts (Qwen3-30B-A3B 128 -> 32, GLM-4.7-Flash 64 -> 16); every per-expert shape, the attention (MLA for GLM), the
+shared expert and the vocabulary are the real ones, and the estimator runs on the same cut config.
+
+    python benchmarks/memory_scale.py            # every row (~1 h on 2 cores), writes results/memory-scale.json
+    python benchmarks/memory_scale.py --quick    # one model, one backend, small sequences (tests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common import ROOT, machine, print_table, run_tree, write_result, zeda_child
+from provenance import provenance
+from zeda_cli.io.skeleton import QWEN3_30B_A3B
+
+SLICES: dict[str, tuple[dict[str, Any], str]] = {
+    "Qwen3-30B-A3B": ({**QWEN3_30B_A3B, "num_hidden_layers": 1, "num_experts": 32}, "experts 128 -> 32"),
+    "GLM-4.7-Flash": ({"model_type": "glm4_moe_lite", "architectures": ["Glm4MoeLiteForCausalLM"],
+                       "num_hidden_layers": 1, "mlp_layer_types": ["sparse"], "n_routed_experts": 16},
+                      "experts 64 -> 16"),
+}  # fmt: skip
+BACKENDS = {
+    "deepspeed": ["distributed.backend=deepspeed", f"distributed.deepspeed={ROOT / 'recipes/deepspeed/zero3.json'}"],
+    "fsdp2": ["distributed.backend=fsdp2", "distributed.ep_size=1"],
+    "fsdp2+ep2": ["distributed.backend=fsdp2", "distributed.ep_size=2"],
+}
+COMMON = ["runtime.device=cpu", "runtime.dtype=float32", "distributed.nproc=2", "balance.aux_loss_coeff=0.1",
+          "stage1.global_batch_size=2", "stage1.micro_batch_size=1", "stage1.max_steps=2", "stage1.save_every=1000",
+          "stage2.steps=2", "stage2.prompts_per_step=2", "stage2.samples_per_prompt=1", "stage2.micro_batch_size=1",
+          "stage2.save_every=1000", "stage2.loss=sampled", "data.chat_template=false"]  # fmt: skip
+
+
+def build_slice(config: dict[str, Any], folder: Path) -> Path:
+    """The static slice as a model folder: real-width random weights (bf16 on disk), a tokenizer of the real size."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = {k: v for k, v in config.items() if k != "model_type"}
+    hf = AutoConfig.for_model(config["model_type"], **fields)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(hf, dtype=torch.bfloat16)
+    model.generation_config.eos_token_id = model.generation_config.pad_token_id = 0
+    model.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(ROOT / "models" / "pystdlib-moe" / name, folder / name)  # ids stay below 4096 < vocabulary
+    return folder
+
+
+def write_rollouts(path: Path, count: int, prompt: int, response: int) -> Path:
+    g = torch.Generator().manual_seed(0)
+    with path.open("w") as f:
+        for i in range(count):
+            ids = torch.randint(3, 4000, (prompt + response,), generator=g).tolist()
+            f.write(json.dumps({"id": i, "prompt": "", "prompt_ids": ids[:prompt], "response": "",
+                                "response_ids": ids[prompt:], "finished": False}) + "\n")  # fmt: skip
+    return path
+
+
+def write_prompts(path: Path, count: int) -> Path:
+    words = "def class return import self value data model layer token expert".split()
+    with path.open("w") as f:
+        for i in range(count):
+            f.write(json.dumps({"prompt": " ".join(words[(i + j) % len(words)] for j in range(40))}) + "\n")
+    return path
+
+
+def sets(values: list[str]) -> list[str]:
+    return [a for v in values for a in ("--set", v)]
+
+
+def run(args: list[str]) -> dict[str, Any]:
+    import subprocess
+
+    began = time.perf_counter()
+    proc = subprocess.run(zeda_child(*args, "--json", "-q"), capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(args[:4])} failed ({proc.returncode}): {proc.stderr[-3000:]}")
+    return {**json.loads(proc.stdout), "seconds": round(time.perf_counter() - began, 1)}
+
+
+def estimate(static: Path, stage: str, overrides: list[str], work: Path) -> dict[str, Any]:
+    """What `zeda convert --dry-run` prints for this stage of the slice with the same settings."""
+    plan = run(["convert", str(static), "--out", str(work / "plan"), "--dry-run", *sets(overrides)])
+    return next(s["estimate"] for s in plan["stages"] if s["stage"] == stage)
+
+
+def measure_row(model: str, static: Path, inject: Path, backend: str, trainable: str, stage: int,
+                data: dict[str, Path], work: Path, seq: int) -> dict[str, Any]:  # fmt: skip
+    overrides = [*COMMON, *BACKENDS[backend], f"stage{stage}.trainable={trainable}", f"stage1.max_seq_len={seq}",
+                 f"stage2.max_new_tokens={seq // 4}", f"data.prompts={data['prompts']}",
+                 f"rollout.max_new_tokens={seq // 2}"]  # fmt: skip
+    out = work / f"{model}-{backend}-{trainable}-s{stage}"
+    shutil.rmtree(out, ignore_errors=True)
+    extra = ["--rollouts", str(data["rollouts"])] if stage == 1 else []
+    tree = run_tree(zeda_child("distill", "--stage", str(stage), str(inject), "--out", str(out), *extra,
+                               *sets(overrides), "-q"))  # fmt: skip
+    if tree.returncode != 0:
+        raise RuntimeError(f"{model} {backend} {trainable} stage {stage} failed: {tree.output[-3000:]}")
+    ranks = tree.peaks_of("zeda_cli.distill.worker")
+    anon = [round(r["peak_anon_bytes"] / 1024**3, 3) for r in ranks]
+    rss = [round(r["peak_rss_bytes"] / 1024**3, 3) for r in ranks]
+    est = estimate(static, f"stage{stage}", overrides, work)
+    row = {"model": model, "backend": backend, "trainable": trainable, "stage": stage,
+           "measured_anon_gb_per_rank": anon, "measured_rss_gb_per_rank": rss,
+           "estimate_gb_per_rank": round(est["per_process_gb"], 3),
+           "error": round(est["per_process_gb"] / max(anon) - 1.0, 3), "formula": est["formula"],
+           "components_gb": est.get("components"), "seconds": round(tree.seconds, 1)}  # fmt: skip
+    shutil.rmtree(out, ignore_errors=True)
+    return row
+
+
+def loss_memory(inject: Path, data: dict[str, Path], work: Path, seqs: tuple[int, int]) -> list[dict[str, Any]]:
+    """Stage 1 in one process at two sequence lengths, the same chunk: what the longer sequence adds."""
+    rows = []
+    for seq in seqs:
+        rollouts = write_rollouts(work / f"r{seq}.jsonl", 2, 16, seq - 16)
+        out = work / f"loss-{seq}"
+        overrides = ["runtime.device=cpu", "runtime.dtype=float32", "stage1.global_batch_size=1",
+                     "stage1.micro_batch_size=1", "stage1.max_steps=1", f"stage1.max_seq_len={seq}",
+                     "stage1.trainable=router", "stage1.gradient_checkpointing=true",
+                     "stage1.kl_chunk_size=256"]  # fmt: skip
+        tree = run_tree(zeda_child("distill", "--stage", "1", str(inject), "--out", str(out), "--rollouts",
+                                   str(rollouts), *sets(overrides), "-q"))  # fmt: skip
+        if tree.returncode != 0:
+            raise RuntimeError(f"loss memory at {seq} tokens failed: {tree.output[-3000:]}")
+        [proc] = tree.peaks_of("zeda_cli distill")
+        rows.append({"seq_len": seq, "chunk": 256, "peak_anon_gb": round(proc["peak_anon_bytes"] / 1024**3, 3)})
+        shutil.rmtree(out, ignore_errors=True)
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--models", nargs="*", default=list(SLICES))
+    p.add_argument("--backends", nargs="*", default=list(BACKENDS))
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--out", type=Path, default=None)
+    a = p.parse_args()
+    models = a.models[:1] if a.quick else a.models
+    backends = a.backends[:1] if a.quick else a.backends
+    seq = 64 if a.quick else a.seq
+    rows, losses = [], []
+    with tempfile.TemporaryDirectory(prefix="zeda-memory-") as tmp:
+        work = Path(tmp)
+        for model in models:
+            config, cut = SLICES[model]
+            static = build_slice(config, work / f"{model}-static")
+            run(["inject-zero-experts", str(static), "--out", str(work / f"{model}-inject")])
+            inject = work / f"{model}-inject"
+            data = {"rollouts": write_rollouts(work / "rollouts.jsonl", 4, seq // 4, seq - seq // 4),
+                    "prompts": write_prompts(work / "prompts.jsonl", 8)}  # fmt: skip
+            for backend in backends:
+                for trainable in ("full", "router"):
+                    for stage in (1, 2):
+                        row = measure_row(model, static, inject, backend, trainable, stage, data, work, seq)
+                        rows.append({**row, "cut": cut})
+                        print(json.dumps(row), flush=True)
+            if model == models[0]:
+                losses = loss_memory(inject, data, work, (seq, 4 * seq) if not a.quick else (64, 256))
+            shutil.rmtree(static, ignore_errors=True)
+            shutil.rmtree(inject, ignore_errors=True)
+    header = ("model", "backend", "trainable", "stage", "measured GB/rank", "estimate GB/rank", "error")
+    print_table("Peak memory per rank (anonymous: what the process allocated) on 2 CPU ranks vs zeda's estimate",
+                header, [(r["model"], r["backend"], r["trainable"], r["stage"], max(r["measured_anon_gb_per_rank"]),
+                          r["estimate_gb_per_rank"], f"{r['error']:+.1%}") for r in rows])  # fmt: skip
+    print_table(
+        "Loss memory: one process, stage 1, chunk 256",
+        ("seq_len", "peak anonymous GB"),
+        [(r["seq_len"], r["peak_anon_gb"]) for r in losses],
+    )
+    result = {"benchmark": "memory_scale", "machine": machine(),
+              **provenance(inputs={"deepspeed_config": ROOT / "recipes/deepspeed/zero3.json"}),
+              "settings": {"seq_len": seq, "common": COMMON, "backends": BACKENDS,
+                           "slices": {k: v[1] for k, v in SLICES.items()}},
+              "rows": rows, "loss_memory": losses,
+              "worst_error": max((abs(r["error"]) for r in rows), default=None)}  # fmt: skip
+    path = write_result("memory-scale-quick" if a.quick else "memory-scale", result, a.out)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    main()
