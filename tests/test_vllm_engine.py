@@ -132,8 +132,13 @@ def score_diff(client: Client, model: Any, sequences: list[list[int]], starts: l
 
 def test_health_reports_what_the_engine_serves(engine, folder):
     _, health = engine
+    from zeda_cli.io.sources import checkpoint_digests
+
+    checkpoint = health.pop("checkpoint")
     assert health == {"ok": True, "model": str(folder), "dynamic": True, "dtype": "float32",
                       "tensor_parallel_size": 1, "max_model_len": MAX_LEN, "weights_version": 0}  # fmt: skip
+    # the same digests zeda computes of the folder it expects a server to serve
+    assert checkpoint == {**checkpoint_digests(folder), "hf_overrides": checkpoint["hf_overrides"]}
 
 
 def test_score_is_transformers_log_softmax_of_the_raw_logits(engine, folder, sequences):

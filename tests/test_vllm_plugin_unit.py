@@ -266,15 +266,18 @@ def test_the_engine_notices_a_dead_zombie_reused_or_lost_parent(tmp_path):
 
 
 def test_tensor_parallel_ranks_get_disjoint_cores(monkeypatch):
-    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    # setenv (not delenv) first, so that teardown restores the variable's original state: bind_cpu_threads writes
+    # os.environ itself, and a leaked binding to cores 2,3 killed every later TP=2 engine of the suite
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "auto")
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 5})
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")  # more threads than a rank's cores: libgomp kills the worker
     engine.bind_cpu_threads(2)
-    assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "0,1|2,3"
+    assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "0,1|2,3" and os.environ["OMP_NUM_THREADS"] == "2"
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "7|8")
     engine.bind_cpu_threads(2)  # the user's binding is kept
     assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "7|8"
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
-    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND")
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "auto")
     with pytest.raises(engine.StartupError, match="needs at least 2 CPU cores"):
         engine.bind_cpu_threads(2)
 

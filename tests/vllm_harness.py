@@ -194,7 +194,8 @@ def machine_limit(result: dict[str, Any]) -> str | None:
     if "error" not in result:
         return None
     text = f"{result.get('traceback', '')}\n{result.get('log', '')}"
-    return next((line.strip() for line in text.splitlines() if MACHINE_LIMITS.search(line)), None)
+    lines = [line for line in text.splitlines() if not re.search(r"warning|\bINFO\b", line, re.I)]  # causes only
+    return next((line.strip() for line in lines if MACHINE_LIMITS.search(line)), None)
 
 
 @dataclass

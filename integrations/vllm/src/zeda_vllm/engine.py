@@ -259,6 +259,9 @@ def bind_cpu_threads(ranks: int) -> None:
     per = len(cores) // ranks
     groups = [cores[r * per : (r + 1) * per] for r in range(ranks)]
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(",".join(map(str, g)) for g in groups)
+    # more OpenMP threads than bound cores kills the worker at start ("libgomp: Thread creation failed")
+    if int(os.environ.get("OMP_NUM_THREADS") or per) > per:
+        os.environ["OMP_NUM_THREADS"] = str(per)
 
 
 def make_handler(engine: Engine, server_ref: list[ThreadingHTTPServer]) -> type[BaseHTTPRequestHandler]:
