@@ -80,6 +80,13 @@ def test_too_little_room_to_stage_a_bucket_is_one_line_naming_the_key(tmp_path, 
     assert "generation.sync_dir" in str(err.value) and "512 MB" in str(err.value)
 
 
+def _the_external_error(result) -> str:
+    """The one "Error:" line of a command that stopped with exit 5."""
+    lines = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert result.exit_code == EXIT_EXTERNAL and len(lines) == 1, result.output
+    return lines[0]
+
+
 def _stage2(student: Path, out: Path, prompts: Path, url: str):
     sets = ["stage2.steps=3", "stage2.prompts_per_step=2", "stage2.max_new_tokens=4", "stage2.trainable=router",
             "stage2.optim.lr=0.05", "runtime.device=cpu", "generation.engine=vllm", f"generation.student_url={url}",
@@ -93,9 +100,8 @@ def test_a_server_that_keeps_stale_weights_stops_the_stage_with_exit_5(tiny_dyna
     prompts = write_prompts(tmp_path / "p.jsonl", 8, seed=2)
     with StaleServer(student) as server:
         result = _stage2(student, tmp_path / "s2", prompts, server.url)
-    lines = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
-    assert result.exit_code == EXIT_EXTERNAL and len(lines) == 1, result.output
-    assert "does not serve the weights synced after step 1" in lines[0] and "--resume" in lines[0]
+    line = _the_external_error(result)
+    assert "does not serve the weights synced after step 1" in line and "--resume" in line
     assert server.loads >= 1  # the sync was sent; the server took it and changed nothing
     assert not (tmp_path / "s2" / "zeda.json").exists() or not json.loads((tmp_path / "s2" / "zeda.json").read_text())[
         "done"]  # fmt: skip
@@ -105,9 +111,8 @@ def test_a_server_of_another_model_is_refused_before_any_step(tiny_dynamic, tmp_
     prompts = write_prompts(tmp_path / "p.jsonl", 8, seed=2)
     with StaleServer(tiny_dynamic("qwen3_moe_nonorm")) as server:  # the same vocabulary, another config
         result = _stage2(tiny_dynamic("qwen3_moe"), tmp_path / "s2", prompts, server.url)
-    lines = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
-    assert result.exit_code == EXIT_EXTERNAL and len(lines) == 1, result.output
-    assert "serves another model than" in lines[0] and "generation.student_url" in lines[0]
+    line = _the_external_error(result)
+    assert "serves another model than" in line and "generation.student_url" in line
     assert not (tmp_path / "s2" / "metrics.jsonl").exists()
 
 
@@ -130,9 +135,8 @@ def test_a_server_of_the_same_structure_with_other_weights_fails_the_first_probe
     prompts = write_prompts(tmp_path / "p.jsonl", 8, seed=2)
     with StaleServer(other) as server:
         result = _stage2(student, tmp_path / "s2", prompts, server.url)
-    lines = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
-    assert result.exit_code == EXIT_EXTERNAL and len(lines) == 1, result.output
-    assert "does not serve the weights it was started with" in lines[0] and "generation.student_url" in lines[0]
+    line = _the_external_error(result)
+    assert "does not serve the weights it was started with" in line and "generation.student_url" in line
 
 
 def test_a_teacher_url_that_serves_the_student_is_refused_before_any_rollout(tiny_dynamic, tmp_path):
@@ -145,7 +149,6 @@ def test_a_teacher_url_that_serves_the_student_is_refused_before_any_rollout(tin
         result = runner.invoke(app, ["distill", "--stage", "1", str(student), "--out", str(tmp_path / "s1"),
                                      "--prompts", str(prompts), "--set", f"generation.teacher_url={server.url}",
                                      *[a for s in sets for a in ("--set", s)]])  # fmt: skip
-    lines = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
-    assert result.exit_code == EXIT_EXTERNAL and len(lines) == 1, result.output
-    assert "serves another model than" in lines[0] and "generation.teacher_url" in lines[0], lines[0]
+    line = _the_external_error(result)
+    assert "serves another model than" in line and "generation.teacher_url" in line, line
     assert not list((tmp_path / "s1").glob("rollouts*.jsonl")) or not (tmp_path / "s1" / "zeda.json").exists()
