@@ -10,8 +10,9 @@ engine in its own environment (``vllm``: ``zeda_vllm.engine`` in .venv-vllm, dri
 
     python benchmarks/generation.py            # the full comparison (needs .venv-vllm: make install-vllm)
     python benchmarks/generation.py --quick    # a narrow 2-layer slice, 1 batch, 3 stage-2 steps: the CI smoke run
-    python benchmarks/generation.py --quality  # also: the demo recipe end to end with each engine (zeda convert,
-                                               # then zeda eval): time per stage, zero share and held-out NLL rise
+    python benchmarks/generation.py --parts quality  # the demo recipes end to end (zeda convert, then zeda eval):
+                                               # hf, vllm, vllm with the teacher scored by its server, full-parameter
+                                               # stage 2 on both bundled models: time per stage, zero share, NLL rise
 """
 
 from __future__ import annotations
@@ -228,18 +229,35 @@ def batching(inject: Path, prompts: list[list[int]], new_tokens: int, work: Path
             "speedup": round(median["per_rank"] / median["batched"], 2)}  # fmt: skip
 
 
-def demo_quality(engine: str, work: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """``zeda convert`` of the bundled model with the demo recipe up to stage 2, then ``zeda eval`` of stage 2."""
-    out = work / f"demo-{engine}"
+GLM_BUNDLED = ROOT / "models" / "pystdlib-glm"
+# End-to-end conversions measured by --parts quality: (name, model, recipe, --set values).
+DEMOS: tuple[tuple[str, Path, str, tuple[str, ...]], ...] = (
+    ("hf", BUNDLED, "tiny-demo", ("generation.engine=hf",)),
+    ("vllm", BUNDLED, "tiny-demo", ("generation.engine=vllm",)),
+    ("vllm, sampled loss, teacher scored by its server", BUNDLED, "tiny-demo",
+     ("generation.engine=vllm", "stage2.loss=sampled", "stage2.teacher_logprobs=engine")),
+    ("vllm, full-parameter stage 2", BUNDLED, "tiny-demo", ("generation.engine=vllm", "stage2.trainable=full")),
+    ("GLM fixture, vllm, full-parameter stage 2", GLM_BUNDLED, "tiny-glm-demo",
+     ("generation.engine=vllm", "stage2.trainable=full")),
+)  # fmt: skip
+
+
+def demo_quality(name: str, model: Path, recipe: str, sets: tuple[str, ...], work: Path, args: argparse.Namespace
+                 ) -> dict[str, Any]:  # fmt: skip
+    """``zeda convert`` of a bundled model with its demo recipe and ``sets`` (every stage, export included), then
+    ``zeda eval`` of stage 2's model: time per stage, zero share, held-out NLL rise."""
+    out = work / f"demo-{len(list(work.glob('demo-*')))}"
     began = time.perf_counter()
-    summary = json.loads(zeda("convert", str(BUNDLED), "--out", str(out), "--recipe", "tiny-demo", "--to", "stage2",
-                              *(a for x in [f"generation.engine={engine}", *env_sets(args)] for a in ("--set", x)),
-                              "--json", "-q"))  # fmt: skip
+    flags = [a for x in [*sets, *env_sets(args)] for a in ("--set", x)]
+    summary = json.loads(zeda("convert", str(model), "--out", str(out), "--recipe", recipe, *flags, "--json", "-q"))
     stages = {stage["stage"]: stage["seconds"] for stage in summary["stages"]}
     wall = time.perf_counter() - began
     ev = json.loads(zeda("eval", str(out / "stage2"), "--json", "-q"))
-    return {"engine": engine, "convert_s": round(wall, 1), "stage_s": stages, "zero_share": ev["zero_share"],
-            "nll_delta_pct": ev["nll_delta_pct"], "expert_flops_ratio": ev["expert_flops_ratio"]}  # fmt: skip
+    shutil.rmtree(out, ignore_errors=True)
+    return {"variant": name, "model": model.name, "recipe": recipe, "sets": list(sets), "convert_s": round(wall, 1),
+            "stage_s": stages, "statuses": {s["stage"]: s["status"] for s in summary["stages"]},
+            "zero_share": ev["zero_share"], "nll_delta_pct": ev["nll_delta_pct"],
+            "expert_flops_ratio": ev["expert_flops_ratio"]}  # fmt: skip
 
 
 PARTS = ("rollouts", "stage2", "teacher", "engines", "batching", "sync", "quality")
@@ -288,7 +306,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if "batching" in parts:
             result["batching"] = batching(inject, prompts, args.new_tokens, work, args)
         if "quality" in parts:
-            result["demo_quality"] = {e: demo_quality(e, work, args) for e in ENGINES}
+            result["demo_quality"] = [demo_quality(*demo, work, args) for demo in DEMOS]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return result
@@ -325,12 +343,12 @@ def show(result: dict[str, Any]) -> None:
                     [(x["model"], x["trainable"], round(x["bytes"] / 2**20, 1), x["buckets"], x["seconds"],
                       x["extra_peak_mb"], x["staged_peak_mb"], x["bound_mb"]) for x in result["sync"]])  # fmt: skip
     if result.get("demo_quality"):
-        q = result["demo_quality"]
         stages = ("rollout", "stage1", "stage2")
-        print_table("The demo recipe end to end (zeda convert --to stage2, then zeda eval)",
-                    ["engine", "zero share", "NLL rise %", *(f"{x} s" for x in stages), "convert s"],
-                    [(e, q[e]["zero_share"], q[e]["nll_delta_pct"], *(q[e]["stage_s"].get(x) for x in stages),
-                      q[e]["convert_s"]) for e in ENGINES])  # fmt: skip
+        print_table("Demo recipes end to end (zeda convert, then zeda eval of the export)",
+                    ["variant", "model", "zero share", "NLL rise %", *(f"{x} s" for x in stages), "convert s"],
+                    [(q["variant"], q["model"], q["zero_share"], q["nll_delta_pct"],
+                      *(q["stage_s"].get(x) for x in stages), q["convert_s"])
+                     for q in result["demo_quality"]])  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -353,7 +371,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.steps = args.steps or (3 if args.quick else 20)
     args.parts = args.parts or [p for p in PARTS if p != "quality" or args.quality]
     result = run(args)
-    inputs = {"bundled_model": BUNDLED, "prompts": PROMPTS, "tiny_demo": ROOT / "recipes" / "tiny-demo.yaml"}
+    inputs = {
+        "bundled_model": BUNDLED,
+        "prompts": PROMPTS,
+        "tiny_demo": ROOT / "recipes" / "tiny-demo.yaml",
+        "glm_model": GLM_BUNDLED,
+        "tiny_glm_demo": ROOT / "recipes" / "tiny-glm-demo.yaml",
+    }
     result.update(machine=machine(), **provenance(inputs=inputs))
     path = write_result("generation-quick" if args.quick else f"generation-{args.device}", result, args.out)
     show(result)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from common import ROOT, machine, print_table, python_child, run_child, write_result, zeda_child
+from provenance import provenance
 from zeda_cli.architectures import resolve_config
 from zeda_cli.inspect_model import inspect_model
 from zeda_cli.io.skeleton import GLM_4_7_FLASH, QWEN3_30B_A3B, write_skeleton
@@ -26,30 +27,58 @@ from zeda_cli.io.sources import read_config_json
 from zeda_cli.pipeline.memory import ModelShape, estimate_stages
 from zeda_cli.recipes import load_recipe
 
+EIGHT_K = ["stage1.max_seq_len=8192", "stage2.max_new_tokens=8192", "rollout.max_new_tokens=8192"]
+NO_OFFLOAD = ["distributed.cpu_offload=false"]
 PLANS = {
-    "router-only, 1 GPU": ["stage1.trainable=router", "stage2.trainable=router", "distributed.nproc=1",
-                           "distributed.deepspeed=null", "stage1.max_seq_len=8192", "stage2.max_new_tokens=7168"],
-    "full, ZeRO-3, 8 GPUs": ["distributed.deepspeed=deepspeed/zero3.json"],
-    "full, ZeRO-3 + CPU offload, 8 GPUs": ["distributed.deepspeed=deepspeed/zero3-offload.json"],
-    "full, ZeRO-3 + CPU offload, 4 GPUs": [
-        "distributed.deepspeed=deepspeed/zero3-offload.json", "distributed.nproc=4"],
+    "the recipe: FSDP2 + EP 8 + offload, vLLM servers beside it, 1 node x 8": [],
+    "FSDP2 + EP 8, no offload, vLLM servers, 1 node x 8": NO_OFFLOAD,
+    "FSDP2 + EP 8, no offload, vLLM servers, 8k caps, 1 node x 8": [*NO_OFFLOAD, *EIGHT_K],
+    "FSDP2 + EP 8, no offload, vLLM servers, 8k caps, 2 nodes x 8": [
+        *NO_OFFLOAD, *EIGHT_K, "distributed.nnodes=2", "distributed.master_addr=10.0.0.1",
+        "distributed.master_port=29500"],
+    "router-only, 1 GPU, vLLM servers on GPUs 1-2, 8k caps": [
+        "stage1.trainable=router", "stage2.trainable=router", "distributed.backend=none", "distributed.nproc=1",
+        "generation.tensor_parallel_size=2", "generation.devices=[1,2]", "generation.gpu_memory_utilization=0.45",
+        *EIGHT_K],
+    "full, ZeRO-3 + CPU offload, 8 GPUs, HF generate (the old recipe)": [
+        "distributed.backend=deepspeed", "distributed.deepspeed=deepspeed/zero3-offload.json",
+        "generation.engine=hf", "stage2.teacher_logprobs=trainer"],
 }  # fmt: skip
 MODELS = {"Qwen3-30B-A3B": (QWEN3_30B_A3B, "qwen3-30b-a3b"), "GLM-4.7-Flash": (GLM_4_7_FLASH, "glm-4.7-flash")}
+GPU_GB = 80
 
 
 def shape_of(folder: Path) -> ModelShape:
     return ModelShape.from_report(inspect_model(str(folder)), resolve_config(read_config_json(folder)).hf)
 
 
+def dry_run(folder: Path, recipe: str, overrides: list[str], work: Path) -> dict[str, Any]:
+    """`zeda convert --dry-run --json` of a skeleton on 80 GB GPUs: the stages' estimates and the placement."""
+    sets = [a for o in overrides for a in ("--set", o.replace("deepspeed/", str(_recipes() / "deepspeed") + "/"))]
+    run = run_child(zeda_child("convert", str(folder), "--out", str(work / "plan"), "--recipe", recipe, "--dry-run",
+                               "--json", "-q", "--gpu-memory-gb", str(GPU_GB), *sets))  # fmt: skip
+    if run.returncode != 0:
+        raise SystemExit(run.output[-3000:])
+    return json.loads(run.output[run.output.index("\n{") + 1 :] if not run.output.startswith("{") else run.output)
+
+
 def estimates(work: Path) -> list[dict[str, Any]]:
+    """Per model, plan and GPU stage: the training process's estimate, the busiest GPU (trainer + servers), the
+    host RAM of a node, and whether every GPU fits (the placement's notes otherwise)."""
     rows = []
     for model, (config, recipe_name) in MODELS.items():
-        shape = shape_of(write_skeleton(config, work / model))
+        folder = write_skeleton(config, work / model)
         for plan, overrides in PLANS.items():
-            recipe = load_recipe(recipe_name, [o.replace("deepspeed/", str(_recipes() / "deepspeed") + "/")
-                                               for o in overrides])  # fmt: skip
-            for e in estimate_stages(shape, recipe, "cuda", ["rollout", "stage1", "stage2"]):
-                rows.append({"model": model, "plan": plan, **e.as_dict()})
+            summary = dry_run(folder, recipe_name, overrides, work)
+            placed = {p["stage"]: p for p in summary["placement"]}
+            for stage in (s for s in summary["stages"] if s["stage"] in placed):
+                p = placed[stage["stage"]]
+                gpus = {g: round(sum(gb for _, gb in held), 1) for g, held in p["gpus"].items()}
+                busiest = max(gpus, key=gpus.__getitem__)
+                problems = [n for n in p["notes"] if "collective timeout" not in n]
+                rows.append({"model": model, "plan": plan, "overrides": overrides, **stage["estimate"],
+                             "busiest_gpu_gb": gpus[busiest], "runs_on_busiest_gpu": p["gpus"][busiest],
+                             "node_host_gb": p["host_gb"], "fits": not problems, "problems": problems})  # fmt: skip
     return rows
 
 
@@ -119,16 +148,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         check = measured_check(work, 1 if args.quick else args.layers, 64 if args.quick else args.seq, args.quick)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print_table("Estimated memory per process (GB) and host RAM (GB): zeda convert --dry-run",
-                ["model", "plan", "stage", "GB / GPU", "processes", "host GB"],
+    print_table(f"zeda convert --dry-run on {GPU_GB} GB GPUs: a training process, the busiest GPU, a node's host RAM",
+                ["model", "plan", "stage", "GB / process", "processes", "busiest GPU GB", "host GB", "fits"],
                 [(r["model"], r["plan"], r["stage"], f"{r['per_process_gb']:.1f}", r["processes"],
-                  f"{r['host_gb']:.0f}") for r in rows])  # fmt: skip
+                  r["busiest_gpu_gb"], f"{r['node_host_gb']:.0f}", "yes" if r["fits"] else r["problems"][0][:50])
+                 for r in rows])  # fmt: skip
     print_table("Estimator check (router-only stage 1 on CPU, full-width Qwen3-30B-A3B slice)",
                 ["layers", "seq", "estimate GB", "peak anonymous GB", "error", "peak RSS GB (+ mmapped pages)"],
                 [(check["slice"]["layers"], check["slice"]["seq"], f"{check['estimate_gb']:.2f}",
                   f"{check['measured_peak_anon_gb']:.2f}", f"{check['error']:+.0%}",
                   f"{check['measured_peak_rss_gb']:.2f}")])  # fmt: skip
-    result = {"schema": "zeda.bench.memory_plan/1", "machine": machine(), "estimates": rows, "check": check}
+    inputs = {name: _recipes() / f"{name}.yaml" for _, name in MODELS.values()}
+    result = {"schema": "zeda.bench.memory_plan/2", "machine": machine(), "gpu_gb": GPU_GB, "estimates": rows,
+              "check": check, **provenance(inputs=inputs)}  # fmt: skip
     print(f"wrote {write_result('memory-plan-quick' if args.quick else 'memory-plan', result, args.out)}")
     return result
 

@@ -26,7 +26,8 @@ def _git(*args: str) -> str:
 
 
 def git_state() -> dict[str, Any]:
-    dirty = [line[3:] for line in _git("status", "--porcelain", "--untracked-files=no").splitlines()]
+    # "XY path" lines; _git strips the output, so the first line may have lost its leading blank
+    dirty = [line.split(None, 1)[1] for line in _git("status", "--porcelain", "--untracked-files=no").splitlines()]
     return {"commit": _git("rev-parse", "HEAD") or None, "clean": not dirty, "modified": dirty[:20]}
 
 

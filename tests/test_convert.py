@@ -18,7 +18,7 @@ from tiny_models import save_distill_teacher, write_prompts
 from zeda_cli import load_model
 from zeda_cli.cli import app
 from zeda_cli.errors import EXIT_BAD_INPUT, EXIT_EXTERNAL
-from zeda_cli.io.skeleton import QWEN3_30B_A3B, write_skeleton
+from zeda_cli.io.skeleton import GLM_4_7_FLASH, QWEN3_30B_A3B, write_skeleton
 from zeda_cli.runs import read_manifest, verify_files
 
 runner = CliRunner()
@@ -169,8 +169,8 @@ def test_dry_run_places_the_vllm_servers_on_their_gpus(qwen30b, tmp_path):
         assert result.exit_code == 0, result.output
         return json.loads(result.stdout)
 
-    hf, vllm = plan("generation.engine=hf"), plan("generation.engine=vllm", "generation.devices=[6,7]",
-                                                  "generation.tensor_parallel_size=2")  # fmt: skip
+    hf = plan("generation.engine=hf", "stage2.teacher_logprobs=trainer")
+    vllm = plan("generation.engine=vllm", "generation.devices=[6,7]", "generation.tensor_parallel_size=2")
     estimate = {s["stage"]: s["estimate"] for s in vllm["stages"]}
     hf_estimate = {s["stage"]: s["estimate"] for s in hf["stages"]}
     # HF generate's KV cache is the trainer's in hf; with vLLM the student's server holds it, on its own GPUs
@@ -183,3 +183,26 @@ def test_dry_run_places_the_vllm_servers_on_their_gpus(qwen30b, tmp_path):
     assert placed["stage2"]["tokens"]["generated"] == 321 * 16 * 2 * 32768
     assert any("collective timeout" in n for n in placed["stage2"]["notes"])
     assert any("teacher server" in what for what, _ in placed["rollout"]["gpus"]["6"])
+
+
+@pytest.mark.parametrize("config", [QWEN3_30B_A3B, GLM_4_7_FLASH], ids=["qwen3-30b-a3b", "glm-4.7-flash"])
+def test_shipped_30b_recipes_fit_one_node_of_eight_80gb_gpus(config, tmp_path):
+    """The recipe's own placement (FSDP2 + EP 8, vLLM servers beside the trainer): every GPU of every stage within
+    80 GB, no note that something does not fit, teacher log-probs from its server, offloaded state counted on the
+    host for all 8 ranks."""
+    skeleton = write_skeleton(config, tmp_path / "model")
+    args = ["convert", str(skeleton), "--out", str(tmp_path / "dyn"), "--dry-run", "--json", "--gpu-memory-gb", "80"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    placed = {p["stage"]: p for p in summary["placement"]}
+    assert set(placed) == {"rollout", "stage1", "stage2"}
+    for p in placed.values():
+        assert not [n for n in p["notes"] if "collective timeout" not in n], p["notes"]
+        assert all(sum(gb for _, gb in held) <= 80 for held in p["gpus"].values()), p["gpus"]
+    stage2 = placed["stage2"]["gpus"]
+    assert sorted(stage2) == [str(g) for g in range(8)]
+    assert all({"training", "student", "teacher"} <= {w.split()[0] for w, _ in stage2[g]} for g in stage2)
+    estimate = {s["stage"]: s["estimate"] for s in summary["stages"]}
+    assert estimate["stage2"]["components"]["frozen teacher"] == 0.0
+    assert estimate["stage1"]["host_gb"] > 8 * 40  # 8 ranks x (fp32 master + grads + Adam) / 8 of ~30B params

@@ -97,7 +97,7 @@ class StageEstimate:
     stage: str
     device: str  # where the bulk lives: "cpu" or "cuda"
     per_process_gb: float  # device memory per process (RAM for cpu runs)
-    host_gb: float  # host RAM on top (offloaded state, streaming buffers)
+    host_gb: float  # host RAM on top, for all of a node's processes (offloaded state, streaming buffers)
     processes: int
     formula: str
     components: dict[str, float] = field(default_factory=dict)  # GB per process, by term
@@ -233,7 +233,8 @@ def train_estimate(shape: ModelShape, recipe: Recipe, stage: str, device: str, p
     total = sum(parts.values())
     formula = f"{s.kind}: " + " + ".join(f"{k} {v / GB:.2f}" for k, v in parts.items() if v)
     components = {k: round(v / GB, 3) for k, v in parts.items()}
-    return StageEstimate(stage, device, total / GB, host / GB, s.ranks, formula, components)
+    node_host = host * min(recipe.distributed.nproc, s.ranks)  # every rank of a node offloads its own shard
+    return StageEstimate(stage, device, total / GB, node_host / GB, s.ranks, formula, components)
 
 
 def _with_zero_rows(shape: ModelShape, recipe: Recipe) -> ModelShape:
@@ -258,8 +259,10 @@ def estimate_stages(
         elif stage == "rollout":
             r = recipe.rollout
             total = _server(shape, bytes_, r.batch_size, r.max_new_tokens, prompt_tokens) + MARGIN[device]
-            if recipe.generation.engine == "vllm":
-                formula = "vLLM server: teacher weights + KV cache"
+            if recipe.generation.engine == "vllm":  # per GPU of a server spanning tensor_parallel_size GPUs
+                tp = recipe.generation.tensor_parallel_size
+                total = (total - MARGIN[device]) / tp + MARGIN[device]
+                formula = f"vLLM server: teacher weights + KV cache, over {tp} GPU{'s' if tp > 1 else ''}"
             else:
                 total += r.batch_size * shape.vocab * 4 * 2
                 formula = "teacher weights + KV cache + step logits (HF generate)"
