@@ -232,13 +232,13 @@ def batching(inject: Path, prompts: list[list[int]], new_tokens: int, work: Path
 GLM_BUNDLED = ROOT / "models" / "pystdlib-glm"
 # End-to-end conversions measured by --parts quality: (name, model, recipe, --set values).
 DEMOS: tuple[tuple[str, Path, str, tuple[str, ...]], ...] = (
+    ("GLM fixture, vllm, full-parameter stage 2", GLM_BUNDLED, "tiny-glm-demo",
+     ("generation.engine=vllm", "stage2.trainable=full")),
     ("hf", BUNDLED, "tiny-demo", ("generation.engine=hf",)),
     ("vllm", BUNDLED, "tiny-demo", ("generation.engine=vllm",)),
     ("vllm, sampled loss, teacher scored by its server", BUNDLED, "tiny-demo",
      ("generation.engine=vllm", "stage2.loss=sampled", "stage2.teacher_logprobs=engine")),
     ("vllm, full-parameter stage 2", BUNDLED, "tiny-demo", ("generation.engine=vllm", "stage2.trainable=full")),
-    ("GLM fixture, vllm, full-parameter stage 2", GLM_BUNDLED, "tiny-glm-demo",
-     ("generation.engine=vllm", "stage2.trainable=full")),
 )  # fmt: skip
 
 
@@ -258,6 +258,15 @@ def demo_quality(name: str, model: Path, recipe: str, sets: tuple[str, ...], wor
             "stage_s": stages, "statuses": {s["stage"]: s["status"] for s in summary["stages"]},
             "zero_share": ev["zero_share"], "nll_delta_pct": ev["nll_delta_pct"],
             "expert_flops_ratio": ev["expert_flops_ratio"]}  # fmt: skip
+
+
+def _recorded(measure: Any, demo: tuple, work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """One demo's row, or its failure as a row (the other demos still run and the JSON is still written)."""
+    try:
+        return measure(*demo, work, args)
+    except (RuntimeError, subprocess.CalledProcessError, json.JSONDecodeError) as exc:
+        return {"variant": demo[0], "model": demo[1].name, "recipe": demo[2], "sets": list(demo[3]),
+                "failed": str(exc)[-2000:]}  # fmt: skip
 
 
 PARTS = ("rollouts", "stage2", "teacher", "engines", "batching", "sync", "quality")
@@ -306,7 +315,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if "batching" in parts:
             result["batching"] = batching(inject, prompts, args.new_tokens, work, args)
         if "quality" in parts:
-            result["demo_quality"] = [demo_quality(*demo, work, args) for demo in DEMOS]
+            result["demo_quality"] = [_recorded(demo_quality, demo, work, args) for demo in DEMOS]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return result
@@ -346,8 +355,8 @@ def show(result: dict[str, Any]) -> None:
         stages = ("rollout", "stage1", "stage2")
         print_table("Demo recipes end to end (zeda convert, then zeda eval of the export)",
                     ["variant", "model", "zero share", "NLL rise %", *(f"{x} s" for x in stages), "convert s"],
-                    [(q["variant"], q["model"], q["zero_share"], q["nll_delta_pct"],
-                      *(q["stage_s"].get(x) for x in stages), q["convert_s"])
+                    [(q["variant"], q["model"], q.get("zero_share", "failed"), q.get("nll_delta_pct"),
+                      *(q.get("stage_s", {}).get(x) for x in stages), q.get("convert_s"))
                      for q in result["demo_quality"]])  # fmt: skip
 
 

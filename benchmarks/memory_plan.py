@@ -33,12 +33,12 @@ PLANS = {
     "the recipe: FSDP2 + EP 8 + offload, vLLM servers beside it, 1 node x 8": [],
     "FSDP2 + EP 8, no offload, vLLM servers, 1 node x 8": NO_OFFLOAD,
     "FSDP2 + EP 8, no offload, vLLM servers, 8k caps, 1 node x 8": [*NO_OFFLOAD, *EIGHT_K],
-    "FSDP2 + EP 8, no offload, vLLM servers, 8k caps, 2 nodes x 8": [
+    "FSDP2 + EP 8, no offload, vLLM servers (0.2 of a GPU), 8k caps, 2 nodes x 8": [
         *NO_OFFLOAD, *EIGHT_K, "distributed.nnodes=2", "distributed.master_addr=10.0.0.1",
-        "distributed.master_port=29500"],
-    "router-only, 1 GPU, vLLM servers on GPUs 1-2, 8k caps": [
+        "distributed.master_port=29500", "generation.gpu_memory_utilization=0.2"],
+    "router-only on GPU 0, student server on GPUs 1-2, teacher server on 3-4 (TP 2), 8k caps": [
         "stage1.trainable=router", "stage2.trainable=router", "distributed.backend=none", "distributed.nproc=1",
-        "generation.tensor_parallel_size=2", "generation.devices=[1,2]", "generation.gpu_memory_utilization=0.45",
+        "generation.tensor_parallel_size=2", "generation.devices=[1,2,3,4]", "generation.gpu_memory_utilization=0.9",
         *EIGHT_K],
     "full, ZeRO-3 + CPU offload, 8 GPUs, HF generate (the old recipe)": [
         "distributed.backend=deepspeed", "distributed.deepspeed=deepspeed/zero3-offload.json",

@@ -149,6 +149,9 @@ def main() -> None:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--models", nargs="*", default=list(SLICES))
     p.add_argument("--backends", nargs="*", default=list(BACKENDS))
+    p.add_argument("--trainables", nargs="*", default=["full", "router"], choices=["full", "router"])
+    p.add_argument("--stages", nargs="*", type=int, default=[1, 2], choices=[1, 2])
+    p.add_argument("--no-loss-memory", action="store_true", help="skip the 1x / 4x sequence-length loss rows")
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args()
@@ -166,12 +169,12 @@ def main() -> None:
             data = {"rollouts": write_rollouts(work / "rollouts.jsonl", 4, seq // 4, seq - seq // 4),
                     "prompts": write_prompts(work / "prompts.jsonl", 8)}  # fmt: skip
             for backend in backends:
-                for trainable in ("full", "router"):
-                    for stage in (1, 2):
+                for trainable in a.trainables:
+                    for stage in a.stages:
                         row = measure_row(model, static, inject, backend, trainable, stage, data, work, seq)
                         rows.append({**row, "cut": cut})
                         print(json.dumps(row), flush=True)
-            if model == models[0]:
+            if model == models[0] and not a.no_loss_memory:
                 losses = loss_memory(inject, data, work, (seq, 4 * seq) if not a.quick else (64, 256))
             shutil.rmtree(static, ignore_errors=True)
             shutil.rmtree(inject, ignore_errors=True)
@@ -186,7 +189,8 @@ def main() -> None:
     )
     result = {"benchmark": "memory_scale", "machine": machine(),
               **provenance(inputs={"deepspeed_config": ROOT / "recipes/deepspeed/zero3.json"}),
-              "settings": {"seq_len": seq, "common": COMMON, "backends": BACKENDS,
+              "settings": {"seq_len": seq, "common": COMMON, "backends": {b: BACKENDS[b] for b in backends},
+                           "trainables": a.trainables, "stages": a.stages,
                            "slices": {k: v[1] for k, v in SLICES.items()}},
               "rows": rows, "loss_memory": losses,
               "worst_error": max((abs(r["error"]) for r in rows), default=None)}  # fmt: skip

@@ -83,7 +83,9 @@ def test_memory_plan_quick(tmp_path):
         # without offload the two servers beside the trainer do not fit at 32k samples: the planner says so
         crowded = rows[(model, "FSDP2 + EP 8, no offload, vLLM servers, 1 node x 8", "stage2")]
         assert not crowded["fits"] and any("GB of 80" in p for p in crowded["problems"])
-        two_nodes = rows[(model, "FSDP2 + EP 8, no offload, vLLM servers, 8k caps, 2 nodes x 8", "stage1")]
+        two = "FSDP2 + EP 8, no offload, vLLM servers (0.2 of a GPU), 8k caps, 2 nodes x 8"
+        assert all(rows[(model, two, stage)]["fits"] for stage in ("rollout", "stage1", "stage2"))
+        two_nodes = rows[(model, two, "stage1")]
         one_node = rows[(model, "FSDP2 + EP 8, no offload, vLLM servers, 8k caps, 1 node x 8", "stage1")]
         assert two_nodes["processes"] == 16 and two_nodes["per_process_gb"] < one_node["per_process_gb"]
     offload = rows[("Qwen3-30B-A3B", recipe, "stage1")]

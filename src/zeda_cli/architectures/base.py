@@ -40,6 +40,8 @@ class MoEAdapter:
     # Child of the MoE block holding the routed experts. On disk either per expert ("experts.{e}.<name>", e.g.
     # Mixtral's w1/w2/w3) or fused ("experts.gate_up_proj" / "experts.down_proj", experts stacked along dim 0).
     experts_name: str = "experts"
+    # config.json keys a vLLM server needs that this transformers no longer writes (passed as hf_overrides)
+    serving_overrides: Callable[[dict[str, Any]], dict[str, Any]] = lambda raw: {}
 
     # --- names (transformers' and the official ZEDA release's conventions) ----------------------------------------
     @property
@@ -144,6 +146,16 @@ def first_k_dense_layers(config: Any) -> list[int]:
     """DeepSeek-V3 / GLM-4.5: the first ``first_k_dense_replace`` layers are dense."""
     first = int(getattr(config, "first_k_dense_replace", 0) or 0)
     return list(range(first, config.num_hidden_layers))
+
+
+def dense_prefix_for_vllm(raw: dict[str, Any]) -> dict[str, Any]:
+    """vLLM 0.32 (built on transformers 5.19) reads ``first_k_dense_replace``; transformers >= 5.2x writes
+    ``mlp_layer_types`` instead (GLM-4.7-Flash), so a folder saved by it needs the key back for serving."""
+    types = list(raw.get("mlp_layer_types") or [])
+    if raw.get("first_k_dense_replace") is not None or "sparse" not in types:
+        return {}
+    first = types.index("sparse")
+    return {"first_k_dense_replace": first} if all(t == "sparse" for t in types[first:]) else {}
 
 
 def mlp_layer_types_layers(config: Any) -> list[int]:

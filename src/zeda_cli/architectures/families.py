@@ -10,6 +10,7 @@ from __future__ import annotations
 from .base import (
     MoEAdapter,
     SharedExpert,
+    dense_prefix_for_vllm,
     every_layer,
     first_k_dense_layers,
     mlp_layer_types_layers,
@@ -81,6 +82,7 @@ GLM4_MOE_LITE = MoEAdapter(
     class_prefix="Glm4MoeLite",
     moe_block_class="Glm4MoeLiteMoE",
     moe_layers=mlp_layer_types_layers,
+    serving_overrides=dense_prefix_for_vllm,
     **_SIGMOID_ROUTER,
 )
 

@@ -428,7 +428,16 @@ def server_spec(folder: str, recipe: Recipe, prompts: Any, max_new_tokens: int, 
     gen = recipe.generation
     length = gen.max_model_len or model_len(prompts(), max_new_tokens)
     dtype = precision(recipe, "router", resolve_device(recipe.runtime.device, strict=False).type).server
-    return ServerSpec(folder, dtype, length, log, hf_overrides or {}, devices)
+    return ServerSpec(folder, dtype, length, log, {**serving_overrides(folder), **(hf_overrides or {})}, devices)
+
+
+def serving_overrides(folder: str) -> dict[str, Any]:
+    """The config keys the family's adapter says vLLM needs beyond what the folder's config.json holds."""
+    from ...architectures import resolve_config
+    from ...io.sources import read_config_json
+
+    raw = read_config_json(Path(folder))
+    return resolve_config(raw).adapter.serving_overrides(raw)
 
 
 def server_specs(folder: str, recipe: Recipe, prompts: Any, max_new_tokens: int, log_dir: Path, role: str,
