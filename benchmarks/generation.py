@@ -353,7 +353,7 @@ def show(result: dict[str, Any]) -> None:
                       x["extra_peak_mb"], x["staged_peak_mb"], x["bound_mb"]) for x in result["sync"]])  # fmt: skip
     if result.get("demo_quality"):
         stages = ("rollout", "stage1", "stage2")
-        print_table("Demo recipes end to end (zeda convert, then zeda eval of the export)",
+        print_table("Demo recipes end to end (zeda convert, then zeda eval of stage 2)",
                     ["variant", "model", "zero share", "NLL rise %", *(f"{x} s" for x in stages), "convert s"],
                     [(q["variant"], q["model"], q.get("zero_share", "failed"), q.get("nll_delta_pct"),
                       *(q.get("stage_s", {}).get(x) for x in stages), q.get("convert_s"))
