@@ -94,8 +94,12 @@ def run(args: list[str]) -> dict[str, Any]:
 
 
 def estimate(static: Path, stage: str, overrides: list[str], work: Path) -> dict[str, Any]:
-    """What `zeda convert --dry-run` prints for this stage of the slice with the same settings."""
-    plan = run(["convert", str(static), "--out", str(work / "plan"), "--dry-run", *sets(overrides)])
+    """What `zeda convert --dry-run` prints for this stage of the slice with the same settings: the measured
+    `zeda distill` runs on zeda's defaults + ``overrides``, so the plan must not pick the family's 30B recipe."""
+    defaults = work / "defaults.yaml"
+    defaults.write_text("version: 1\nname: defaults\n")
+    plan = run(["convert", str(static), "--out", str(work / "plan"), "--recipe", str(defaults), "--dry-run",
+                *sets(overrides)])  # fmt: skip
     return next(s["estimate"] for s in plan["stages"] if s["stage"] == stage)
 
 
