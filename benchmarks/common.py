@@ -144,6 +144,15 @@ def zeda_child(*args: str) -> list[str]:
     return [sys.executable, "-m", "zeda_cli", *args]
 
 
+def zeda_json(*args: str) -> dict[str, Any]:
+    """Run ``zeda ARGS --json -q`` in a child process; its JSON summary (stdout only: warnings go to stderr), or a
+    RuntimeError with the end of its stderr."""
+    proc = subprocess.run(zeda_child(*args, "--json", "-q"), capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"zeda {' '.join(args[:4])} failed ({proc.returncode}): {proc.stderr[-3000:]}")
+    return json.loads(proc.stdout)
+
+
 def write_result(name: str, result: dict[str, Any], out: Path | None = None) -> Path:
     path = out or RESULTS / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)

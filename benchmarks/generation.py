@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from common import ROOT, machine, print_table, run_tree, write_result, zeda_child
+from common import ROOT, machine, print_table, run_tree, write_result, zeda_child, zeda_json
 from provenance import provenance
 from speed_e2e import E2E_QUICK, E2EShape, build_e2e_models
 from zeda_cli.distill.generation import SamplingSettings, generator
@@ -246,24 +246,24 @@ def demo_quality(name: str, model: Path, recipe: str, sets: tuple[str, ...], wor
                  ) -> dict[str, Any]:  # fmt: skip
     """``zeda convert`` of a bundled model with its demo recipe and ``sets`` (every stage, export included), then
     ``zeda eval`` of stage 2's model: time per stage, zero share, held-out NLL rise."""
-    out = work / f"demo-{len(list(work.glob('demo-*')))}"
+    out = Path(tempfile.mkdtemp(prefix="demo-", dir=work)) / "run"
     began = time.perf_counter()
     flags = [a for x in [*sets, *env_sets(args)] for a in ("--set", x)]
-    summary = json.loads(zeda("convert", str(model), "--out", str(out), "--recipe", recipe, *flags, "--json", "-q"))
+    summary = zeda_json("convert", str(model), "--out", str(out), "--recipe", recipe, *flags)
     stages = {stage["stage"]: stage["seconds"] for stage in summary["stages"]}
     wall = time.perf_counter() - began
-    ev = json.loads(zeda("eval", str(out / "stage2"), "--json", "-q"))
-    shutil.rmtree(out, ignore_errors=True)
+    ev = zeda_json("eval", str(out / "stage2"))
+    shutil.rmtree(out.parent, ignore_errors=True)
     return {"variant": name, "model": model.name, "recipe": recipe, "sets": list(sets), "convert_s": round(wall, 1),
             "stage_s": stages, "statuses": {s["stage"]: s["status"] for s in summary["stages"]},
             "zero_share": ev["zero_share"], "nll_delta_pct": ev["nll_delta_pct"],
             "expert_flops_ratio": ev["expert_flops_ratio"]}  # fmt: skip
 
 
-def _recorded(measure: Any, demo: tuple, work: Path, args: argparse.Namespace) -> dict[str, Any]:
+def _recorded(demo: tuple, work: Path, args: argparse.Namespace) -> dict[str, Any]:
     """One demo's row, or its failure as a row (the other demos still run and the JSON is still written)."""
     try:
-        return measure(*demo, work, args)
+        return demo_quality(*demo, work, args)
     except (RuntimeError, subprocess.CalledProcessError, json.JSONDecodeError) as exc:
         return {"variant": demo[0], "model": demo[1].name, "recipe": demo[2], "sets": list(demo[3]),
                 "failed": str(exc)[-2000:]}  # fmt: skip
@@ -315,7 +315,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if "batching" in parts:
             result["batching"] = batching(inject, prompts, args.new_tokens, work, args)
         if "quality" in parts:
-            result["demo_quality"] = [_recorded(demo_quality, demo, work, args) for demo in DEMOS]
+            result["demo_quality"] = [_recorded(demo, work, args) for demo in DEMOS]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return result
@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--steps", type=int, default=None, help="stage-2 steps per engine (default 20; quick 3)")
     parser.add_argument("--layers", type=int, default=4, help="decoder layers of the full-width slice")
     parser.add_argument("--bucket-mb", type=int, default=512, help="sync bucket of the slice's full sync")
-    parser.add_argument("--quality", action="store_true", help="also convert + eval the demo recipe per engine")
+    parser.add_argument("--quality", action="store_true", help="same as adding quality to --parts")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="runtime.device of every run")
     parser.add_argument("--vllm-python", type=Path, default=None, help="generation.vllm_python (default .venv-vllm)")
     parser.add_argument("--out", type=Path, default=None)

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from common import ROOT, machine, print_table, python_child, run_child, write_result, zeda_child
+from common import ROOT, machine, print_table, python_child, run_child, write_result, zeda_child, zeda_json
 from provenance import provenance
 from zeda_cli.architectures import resolve_config
 from zeda_cli.inspect_model import inspect_model
@@ -55,11 +55,8 @@ def shape_of(folder: Path) -> ModelShape:
 def dry_run(folder: Path, recipe: str, overrides: list[str], work: Path) -> dict[str, Any]:
     """`zeda convert --dry-run --json` of a skeleton on 80 GB GPUs: the stages' estimates and the placement."""
     sets = [a for o in overrides for a in ("--set", o.replace("deepspeed/", str(_recipes() / "deepspeed") + "/"))]
-    run = run_child(zeda_child("convert", str(folder), "--out", str(work / "plan"), "--recipe", recipe, "--dry-run",
-                               "--json", "-q", "--gpu-memory-gb", str(GPU_GB), *sets))  # fmt: skip
-    if run.returncode != 0:
-        raise SystemExit(run.output[-3000:])
-    return json.loads(run.output[run.output.index("\n{") + 1 :] if not run.output.startswith("{") else run.output)
+    return zeda_json("convert", str(folder), "--out", str(work / "plan"), "--recipe", recipe, "--dry-run",
+                     "--gpu-memory-gb", str(GPU_GB), *sets)  # fmt: skip
 
 
 def estimates(work: Path) -> list[dict[str, Any]]:

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from common import ROOT, machine, print_table, run_tree, write_result, zeda_child
+from common import ROOT, machine, print_table, run_tree, write_result, zeda_child, zeda_json
 from provenance import provenance
 from zeda_cli.io.skeleton import QWEN3_30B_A3B
 
@@ -84,13 +84,8 @@ def sets(values: list[str]) -> list[str]:
 
 
 def run(args: list[str]) -> dict[str, Any]:
-    import subprocess
-
     began = time.perf_counter()
-    proc = subprocess.run(zeda_child(*args, "--json", "-q"), capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(args[:4])} failed ({proc.returncode}): {proc.stderr[-3000:]}")
-    return {**json.loads(proc.stdout), "seconds": round(time.perf_counter() - began, 1)}
+    return {**zeda_json(*args), "seconds": round(time.perf_counter() - began, 1)}
 
 
 def estimate(static: Path, stage: str, overrides: list[str], work: Path) -> dict[str, Any]:

@@ -95,7 +95,7 @@ def test_vllm_servers_get_back_the_dense_prefix_key_transformers_no_longer_write
     """vLLM 0.32 reads first_k_dense_replace for GLM-4.7-Flash; a folder saved by transformers >= 5.2x has only
     mlp_layer_types (the bundled GLM fixture does), so the server spec passes the key as hf_overrides."""
     from zeda_cli.architectures.base import dense_prefix_for_vllm
-    from zeda_cli.distill.generation.vllm import serving_overrides
+    from zeda_cli.distill.generation.vllm import server_spec, serving_overrides
     from zeda_cli.recipes import load_recipe
 
     root = Path(__file__).resolve().parents[1]
@@ -104,8 +104,6 @@ def test_vllm_servers_get_back_the_dense_prefix_key_transformers_no_longer_write
     assert dense_prefix_for_vllm({"mlp_layer_types": ["dense", "dense", "sparse"]}) == {"first_k_dense_replace": 2}
     assert dense_prefix_for_vllm({"mlp_layer_types": ["dense", "sparse"], "first_k_dense_replace": 1}) == {}
     assert dense_prefix_for_vllm({"mlp_layer_types": ["sparse", "dense", "sparse"]}) == {}  # not a dense prefix
-    from zeda_cli.distill.generation.vllm import server_spec
-
     spec = server_spec(str(root / "models" / "pystdlib-glm"), load_recipe("tiny-glm-demo"), lambda: [[1, 2]], 8,
                        tmp_path / "log", hf_overrides={"use_zce_mask": True})  # fmt: skip
     assert spec.hf_overrides == {"first_k_dense_replace": 1, "use_zce_mask": True}

@@ -258,13 +258,13 @@ def estimate_stages(
             out.append(StageEstimate(stage, "cpu", stream / GB, 0.0, 1, "streamed: largest tensor x2 + buffers"))
         elif stage == "rollout":
             r = recipe.rollout
-            total = _server(shape, bytes_, r.batch_size, r.max_new_tokens, prompt_tokens) + MARGIN[device]
+            server = _server(shape, bytes_, r.batch_size, r.max_new_tokens, prompt_tokens)
             if recipe.generation.engine == "vllm":  # per GPU of a server spanning tensor_parallel_size GPUs
                 tp = recipe.generation.tensor_parallel_size
-                total = (total - MARGIN[device]) / tp + MARGIN[device]
+                total = server / tp + MARGIN[device]
                 formula = f"vLLM server: teacher weights + KV cache, over {tp} GPU{'s' if tp > 1 else ''}"
             else:
-                total += r.batch_size * shape.vocab * 4 * 2
+                total = server + r.batch_size * shape.vocab * 4 * 2 + MARGIN[device]
                 formula = "teacher weights + KV cache + step logits (HF generate)"
             out.append(StageEstimate(stage, device, total / GB, 0.0, 1, formula))
         elif stage in ("stage1", "stage2"):
