@@ -5,8 +5,12 @@ next to the estimate `zeda convert --dry-run` prints for the same slice and sett
 and 4x the sequence length with the same chunk size (one process).
 
 What is cut, so that full-parameter training of a layer fits 24 GB across 2 ranks: only the number of routed
-experts (Qwen3-30B-A3B 128 -> 32, GLM-4.7-Flash 64 -> 16); every per-expert shape, the attention (MLA for GLM), the
-shared expert and the vocabulary are the real ones, and the estimator runs on the same cut config.
+experts (Qwen3-30B-A3B 128 -> 32, GLM-4.7-Flash 64 -> 16; under DeepSpeed 8 and 4, the top-k of each: full-parameter ZeRO-3 of the
+16-expert Qwen slice was killed for memory at 11.4 GB per rank, and the real vocabulary's embedding and head, which
+are not cut, are most of the slice); every per-expert shape, the attention (MLA for GLM), the shared expert and the
+vocabulary are the real ones, and the estimator runs on the same cut config. Stage 2 samples 32 new tokens per
+prompt (generation under ZeRO-3 gathers the layer and the head for every token: minutes per step on CPU).
+A row that fails (out of memory, a crash) is recorded with its error instead of ending the run.
 
     python benchmarks/memory_scale.py            # every row (~1 h on 2 cores), writes results/memory-scale.json
     python benchmarks/memory_scale.py --quick    # one model, one backend, small sequences (tests)
@@ -29,20 +33,23 @@ from common import ROOT, machine, print_table, run_tree, write_result, zeda_chil
 from provenance import provenance
 from zeda_cli.io.skeleton import QWEN3_30B_A3B
 
-SLICES: dict[str, tuple[dict[str, Any], str]] = {
-    "Qwen3-30B-A3B": ({**QWEN3_30B_A3B, "num_hidden_layers": 1, "num_experts": 32}, "experts 128 -> 32"),
-    "GLM-4.7-Flash": ({"model_type": "glm4_moe_lite", "architectures": ["Glm4MoeLiteForCausalLM"],
-                       "num_hidden_layers": 1, "mlp_layer_types": ["sparse"], "n_routed_experts": 16},
-                      "experts 64 -> 16"),
+SLICES: dict[str, dict[str, Any]] = {
+    "Qwen3-30B-A3B": {**QWEN3_30B_A3B, "num_hidden_layers": 1},
+    "GLM-4.7-Flash": {"model_type": "glm4_moe_lite", "architectures": ["Glm4MoeLiteForCausalLM"],
+                      "num_hidden_layers": 1, "mlp_layer_types": ["sparse"]},
 }  # fmt: skip
+EXPERT_KEY = {"Qwen3-30B-A3B": "num_experts", "GLM-4.7-Flash": "n_routed_experts"}
+REAL_EXPERTS = {"Qwen3-30B-A3B": 128, "GLM-4.7-Flash": 64}
+KEPT_EXPERTS = {"Qwen3-30B-A3B": 32, "GLM-4.7-Flash": 16}
+DEEPSPEED_EXPERTS = {"Qwen3-30B-A3B": 8, "GLM-4.7-Flash": 4}  # why fewer: the module docstring (>= top-k)
 BACKENDS = {
     "deepspeed": ["distributed.backend=deepspeed", f"distributed.deepspeed={ROOT / 'recipes/deepspeed/zero3.json'}"],
     "fsdp2": ["distributed.backend=fsdp2", "distributed.ep_size=1"],
     "fsdp2+ep2": ["distributed.backend=fsdp2", "distributed.ep_size=2"],
 }
 COMMON = ["runtime.device=cpu", "runtime.dtype=float32", "distributed.nproc=2", "balance.aux_loss_coeff=0.1",
-          "stage1.global_batch_size=2", "stage1.micro_batch_size=1", "stage1.max_steps=2", "stage1.save_every=1000",
-          "stage2.steps=2", "stage2.prompts_per_step=2", "stage2.samples_per_prompt=1", "stage2.micro_batch_size=1",
+          "stage1.global_batch_size=2", "stage1.micro_batch_size=1", "stage1.max_steps=1", "stage1.save_every=1000",
+          "stage2.steps=1", "stage2.prompts_per_step=2", "stage2.samples_per_prompt=1", "stage2.micro_batch_size=1",
           "stage2.save_every=1000", "stage2.loss=sampled", "data.chat_template=false"]  # fmt: skip
 
 
@@ -79,6 +86,15 @@ def write_prompts(path: Path, count: int) -> Path:
     return path
 
 
+def kept_experts(model: str, backend: str) -> int:
+    return DEEPSPEED_EXPERTS[model] if backend == "deepspeed" else KEPT_EXPERTS[model]
+
+
+def sliced(model: str, experts: int) -> tuple[dict[str, Any], str]:
+    """The slice's config with ``experts`` routed experts, and what was cut."""
+    return {**SLICES[model], EXPERT_KEY[model]: experts}, f"experts {REAL_EXPERTS[model]} -> {experts}"
+
+
 def sets(values: list[str]) -> list[str]:
     return [a for v in values for a in ("--set", v)]
 
@@ -101,19 +117,24 @@ def estimate(static: Path, stage: str, overrides: list[str], work: Path) -> dict
 def measure_row(model: str, static: Path, inject: Path, backend: str, trainable: str, stage: int,
                 data: dict[str, Path], work: Path, seq: int) -> dict[str, Any]:  # fmt: skip
     overrides = [*COMMON, *BACKENDS[backend], f"stage{stage}.trainable={trainable}", f"stage1.max_seq_len={seq}",
-                 f"stage2.max_new_tokens={seq // 4}", f"data.prompts={data['prompts']}",
+                 "stage2.max_new_tokens=32", f"data.prompts={data['prompts']}",
                  f"rollout.max_new_tokens={seq // 2}"]  # fmt: skip
     out = work / f"{model}-{backend}-{trainable}-s{stage}"
     shutil.rmtree(out, ignore_errors=True)
     extra = ["--rollouts", str(data["rollouts"])] if stage == 1 else []
     tree = run_tree(zeda_child("distill", "--stage", str(stage), str(inject), "--out", str(out), *extra,
                                *sets(overrides), "-q"))  # fmt: skip
-    if tree.returncode != 0:
-        raise RuntimeError(f"{model} {backend} {trainable} stage {stage} failed: {tree.output[-3000:]}")
     ranks = tree.peaks_of("zeda_cli.distill.worker")
+    est = estimate(static, f"stage{stage}", overrides, work)
+    if tree.returncode != 0:
+        shutil.rmtree(out, ignore_errors=True)
+        return {"model": model, "backend": backend, "trainable": trainable, "stage": stage, "failed": True,
+                "exit_code": tree.returncode, "output_tail": tree.output[-12000:],
+                "measured_anon_gb_per_rank": [round(r["peak_anon_bytes"] / 1024**3, 3) for r in ranks],
+                "estimate_gb_per_rank": round(est["per_process_gb"], 3), "components_gb": est.get("components"),
+                "seconds": round(tree.seconds, 1)}  # fmt: skip
     anon = [round(r["peak_anon_bytes"] / 1024**3, 3) for r in ranks]
     rss = [round(r["peak_rss_bytes"] / 1024**3, 3) for r in ranks]
-    est = estimate(static, f"stage{stage}", overrides, work)
     row = {"model": model, "backend": backend, "trainable": trainable, "stage": stage,
            "measured_anon_gb_per_rank": anon, "measured_rss_gb_per_rank": rss,
            "estimate_gb_per_rank": round(est["per_process_gb"], 3),
@@ -123,8 +144,10 @@ def measure_row(model: str, static: Path, inject: Path, backend: str, trainable:
     return row
 
 
-def loss_memory(inject: Path, data: dict[str, Path], work: Path, seqs: tuple[int, int]) -> list[dict[str, Any]]:
-    """Stage 1 in one process at two sequence lengths, the same chunk: what the longer sequence adds."""
+def loss_memory(static: Path, inject: Path, work: Path, seqs: tuple[int, int]) -> dict[str, Any]:
+    """Stage 1 in one process at two sequence lengths, the same chunk: what the longer sequence adds, next to what
+    the estimator says the extra tokens' activations are (its activations term at each length; the logits of one
+    chunk are in both)."""
     rows = []
     for seq in seqs:
         rollouts = write_rollouts(work / f"r{seq}.jsonl", 2, 16, seq - 16)
@@ -138,9 +161,14 @@ def loss_memory(inject: Path, data: dict[str, Path], work: Path, seqs: tuple[int
         if tree.returncode != 0:
             raise RuntimeError(f"loss memory at {seq} tokens failed: {tree.output[-3000:]}")
         [proc] = tree.peaks_of("zeda_cli distill")
-        rows.append({"seq_len": seq, "chunk": 256, "peak_anon_gb": round(proc["peak_anon_bytes"] / 1024**3, 3)})
+        est = estimate(static, "stage1", overrides, work)
+        rows.append({"seq_len": seq, "chunk": 256, "peak_anon_gb": round(proc["peak_anon_bytes"] / 1024**3, 3),
+                     "estimated_activations_gb": est["components"]["activations (one micro-batch)"]})  # fmt: skip
         shutil.rmtree(out, ignore_errors=True)
-    return rows
+    short, long = rows
+    added = round(long["peak_anon_gb"] - short["peak_anon_gb"], 3)
+    extra = round(long["estimated_activations_gb"] - short["estimated_activations_gb"], 3)
+    return {"rows": rows, "added_gb": added, "extra_token_activations_gb": extra, "within": added <= extra}
 
 
 def main() -> None:
@@ -157,42 +185,48 @@ def main() -> None:
     models = a.models[:1] if a.quick else a.models
     backends = a.backends[:1] if a.quick else a.backends
     seq = 64 if a.quick else a.seq
-    rows, losses = [], []
+    rows: list[dict[str, Any]] = []
+    losses: dict[str, Any] = {"rows": []}
     with tempfile.TemporaryDirectory(prefix="zeda-memory-") as tmp:
         work = Path(tmp)
+        data = {"rollouts": write_rollouts(work / "rollouts.jsonl", 4, seq // 4, seq - seq // 4),
+                "prompts": write_prompts(work / "prompts.jsonl", 8)}  # fmt: skip
         for model in models:
-            config, cut = SLICES[model]
-            static = build_slice(config, work / f"{model}-static")
-            run(["inject-zero-experts", str(static), "--out", str(work / f"{model}-inject")])
-            inject = work / f"{model}-inject"
-            data = {"rollouts": write_rollouts(work / "rollouts.jsonl", 4, seq // 4, seq - seq // 4),
-                    "prompts": write_prompts(work / "prompts.jsonl", 8)}  # fmt: skip
-            for backend in backends:
-                for trainable in a.trainables:
-                    for stage in a.stages:
-                        row = measure_row(model, static, inject, backend, trainable, stage, data, work, seq)
-                        rows.append({**row, "cut": cut})
-                        print(json.dumps(row), flush=True)
-            if model == models[0] and not a.no_loss_memory:
-                losses = loss_memory(inject, data, work, (seq, 4 * seq) if not a.quick else (64, 256))
-            shutil.rmtree(static, ignore_errors=True)
-            shutil.rmtree(inject, ignore_errors=True)
+            for experts in sorted({kept_experts(model, b) for b in backends}, reverse=True):
+                config, cut = sliced(model, experts)
+                static = build_slice(config, work / f"{model}-{experts}-static")
+                inject = work / f"{model}-{experts}-inject"
+                run(["inject-zero-experts", str(static), "--out", str(inject)])
+                for backend in (b for b in backends if kept_experts(model, b) == experts):
+                    for trainable in a.trainables:
+                        for stage in a.stages:
+                            row = measure_row(model, static, inject, backend, trainable, stage, data, work, seq)
+                            rows.append({**row, "cut": cut})
+                            print(json.dumps({k: v for k, v in row.items() if k != "output_tail"}), flush=True)
+                if model == models[0] and not losses["rows"] and not a.no_loss_memory:
+                    losses = loss_memory(static, inject, work, (seq, 4 * seq) if not a.quick else (64, 256))
+                shutil.rmtree(static, ignore_errors=True)
+                shutil.rmtree(inject, ignore_errors=True)
     header = ("model", "backend", "trainable", "stage", "measured GB/rank", "estimate GB/rank", "error")
     print_table("Peak memory per rank (anonymous: what the process allocated) on 2 CPU ranks vs zeda's estimate",
-                header, [(r["model"], r["backend"], r["trainable"], r["stage"], max(r["measured_anon_gb_per_rank"]),
-                          r["estimate_gb_per_rank"], f"{r['error']:+.1%}") for r in rows])  # fmt: skip
+                header, [(r["model"], r["backend"], r["trainable"], r["stage"],
+                          max(r["measured_anon_gb_per_rank"], default="-"), r.get("estimate_gb_per_rank", "-"),
+                          "failed" if r.get("failed") else f"{r['error']:+.1%}") for r in rows])  # fmt: skip
     print_table(
         "Loss memory: one process, stage 1, chunk 256",
-        ("seq_len", "peak anonymous GB"),
-        [(r["seq_len"], r["peak_anon_gb"]) for r in losses],
+        ("seq_len", "peak anonymous GB", "estimated activations GB"),
+        [(r["seq_len"], r["peak_anon_gb"], r["estimated_activations_gb"]) for r in losses["rows"]],
     )
+    if losses["rows"]:
+        print(f"4x the sequence adds {losses['added_gb']} GB; the extra tokens' activations: "
+              f"{losses['extra_token_activations_gb']} GB")  # fmt: skip
     result = {"benchmark": "memory_scale", "machine": machine(),
               **provenance(inputs={"deepspeed_config": ROOT / "recipes/deepspeed/zero3.json"}),
               "settings": {"seq_len": seq, "common": COMMON, "backends": {b: BACKENDS[b] for b in backends},
                            "trainables": a.trainables, "stages": a.stages,
-                           "slices": {k: v[1] for k, v in SLICES.items()}},
-              "rows": rows, "loss_memory": losses,
-              "worst_error": max((abs(r["error"]) for r in rows), default=None)}  # fmt: skip
+                           "slices": {m: {b: sliced(m, kept_experts(m, b))[1] for b in backends} for m in models}},
+              "rows": rows, "loss_memory": losses, "failed_rows": sum(1 for r in rows if r.get("failed")),
+              "worst_error": max((abs(r["error"]) for r in rows if "error" in r), default=None)}  # fmt: skip
     path = write_result("memory-scale-quick" if a.quick else "memory-scale", result, a.out)
     print(f"wrote {path}")
 

@@ -185,6 +185,8 @@ def run_as_rank(job: DistillJob, output: Output, overwrite: bool) -> dict[str, A
     serve = generator(job.recipe).serve_student if rank == 0 else _no_servers
     with serve(job, lambda: stage2_prompts(job, load_tokenizer(job.student))) as servers:
         summary = run_in_process(job, backend_for(job), servers, _rank_zero(output, rank))
+    dist.barrier()  # every rank has finished writing before any takes the group down
+    dist.destroy_process_group()
     return {"ok": True, "out": str(out), "stage": job.stage, "rank": rank, **summary}
 
 

@@ -71,6 +71,23 @@ def main(argv: list[str] | None = None) -> None:
         sys.stderr.write(f"rank {rank}: {err.one_line()}\n")
         sys.stderr.flush()
         os._exit(err.exit_code)  # no teardown of a half-finished process group: the launcher stops the others
+    _exit_cleanly()
+
+
+def _exit_cleanly() -> None:
+    """Meet the other ranks, take the process group down, and leave without the interpreter's teardown.
+
+    Everything the stage writes is closed by now. Left to the interpreter, a rank that finished could still abort
+    while C++ statics go away (``terminate called without an active exception``, SIGABRT, seen in CI after a
+    ZeRO-3 stage had written its output), and torchrun reports a finished stage as failed."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

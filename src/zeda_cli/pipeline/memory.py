@@ -158,17 +158,18 @@ def _states(shape: ModelShape, section: TrainCommon, s: Setup, router: int) -> t
 
 
 def _gathered(shape: ModelShape, section: TrainCommon, s: Setup) -> int:
-    """What a sharding backend holds unsharded at once (twice: the current and the prefetched unit), + gradients."""
+    """What a sharding backend holds unsharded at once (the current and the prefetched unit, + its gradients)."""
     if s.kind == "none":
         return 0
     b, block = s.bytes_, shape.largest_block_params
     grads = section.trainable == "full"
-    if s.kind == "deepspeed":  # the whole MoE block is a leaf: gathered whole, twice, and its gradients
-        return b * block * (2 + int(grads))
+    if s.kind == "deepspeed":  # the largest leaf (an MoE block, or the vocabulary's head): gathered whole, twice,
+        return b * max(block, shape.vocab * shape.hidden) * (2 + int(grads))  # and its gradients
+    units = min(2, max(shape.layers, 1))  # a model of one layer has no next layer to prefetch
     dense_layer = max(shape.total_params - shape.routed_expert_params - shape.embed_params, 0) // max(shape.layers, 1)
     experts = block * (s.shard // s.ep) // max(s.shard, 1) if s.shard // s.ep > 1 else 0
     head = b * shape.embed_params // 2 if shape.embed_params else 0  # the output head stays gathered in the step
-    return b * (dense_layer + experts) * (2 + int(grads)) + head
+    return b * (dense_layer + experts) * (units + int(grads)) + head
 
 
 def _activations(shape: ModelShape, section: TrainCommon, s: Setup, tokens: int, dense_loss: bool) -> int:
