@@ -4,13 +4,13 @@ ZeRO-3, FSDP2, FSDP2 + expert parallelism 2) and trainable scope; the peak resid
 next to the estimate `zeda convert --dry-run` prints for the same slice and settings. Then the loss's memory at 1x
 and 4x the sequence length with the same chunk size (one process).
 
-What is cut, so that full-parameter training of a layer fits 24 GB across 2 ranks: only the number of routed
-experts (Qwen3-30B-A3B 128 -> 32, GLM-4.7-Flash 64 -> 16; under DeepSpeed 8 and 4, the top-k of each: full-parameter ZeRO-3 of the
-16-expert Qwen slice was killed for memory at 11.4 GB per rank, and the real vocabulary's embedding and head, which
-are not cut, are most of the slice); every per-expert shape, the attention (MLA for GLM), the shared expert and the
-vocabulary are the real ones, and the estimator runs on the same cut config. Stage 2 samples 32 new tokens per
-prompt (generation under ZeRO-3 gathers the layer and the head for every token: minutes per step on CPU).
-A row that fails (out of memory, a crash) is recorded with its error instead of ending the run.
+What is cut, so that full-parameter training of a layer fits 24 GB across 2 ranks: only the number of routed experts
+(Qwen3-30B-A3B 128 -> 32, GLM-4.7-Flash 64 -> 16; under DeepSpeed 8 and 4, the top-k of each: full-parameter ZeRO-3
+of the 16-expert Qwen slice was killed for memory at 11.4 GB per rank, and the real vocabulary's embedding and head,
+which are not cut, are most of the slice); every per-expert shape, the attention (MLA for GLM), the shared expert
+and the vocabulary are the real ones, and the estimator runs on the same cut config. Stage 2 samples 32 new tokens
+per prompt (generation under ZeRO-3 gathers the layer and the head for every token: minutes per step on CPU). A row
+that fails (out of memory, a crash) is recorded with its error instead of ending the run.
 
     python benchmarks/memory_scale.py            # every row (~1 h on 2 cores), writes results/memory-scale.json
     python benchmarks/memory_scale.py --quick    # one model, one backend, small sequences (tests)

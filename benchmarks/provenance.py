@@ -52,6 +52,9 @@ def command_line() -> str:
     return shlex.join(["python", str(shown), *sys.argv[1:]])
 
 
+_AT_START = git_state()  # the code the run started from: a commit or edit made while a long run goes on is not it
+
+
 def provenance(inputs: dict[str, Path | str], seeds: dict[str, Any] | None = None) -> dict[str, Any]:
     """The ``provenance`` block of a results JSON (call it when the result is complete: it records the wall time)."""
     from common import machine
@@ -60,7 +63,7 @@ def provenance(inputs: dict[str, Path | str], seeds: dict[str, Any] | None = Non
     return {
         "provenance": {
             "command": command_line(),
-            "git": git_state(),
+            "git": _AT_START,
             "inputs": hashed,
             "seeds": seeds or {},
             "machine": machine(),
