@@ -179,7 +179,7 @@ def test_a_family_without_an_expert_parallel_plan_is_refused(tiny_dynamic, tmp_p
 def _dispatch_counts(folder: Path, reports: Path, *extra: str) -> list[dict]:
     from zeda_cli.distill.launch import free_port
 
-    script = Path(__file__).with_name("ep_dispatch_counts.py")
+    script = ROOT / "benchmarks" / "ep_dispatch_ranks.py"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                f"--master_port={free_port()}", str(script), str(folder), str(reports), *extra]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
