@@ -88,8 +88,8 @@ def write_prompts(path: Path, count: int) -> Path:
     return path
 
 
-def kept_experts(model: str, backend: str) -> int:
-    return DEEPSPEED_EXPERTS[model] if backend == "deepspeed" else KEPT_EXPERTS[model]
+def kept_experts(model: str, backend: str, override: int | None = None) -> int:
+    return override or (DEEPSPEED_EXPERTS[model] if backend == "deepspeed" else KEPT_EXPERTS[model])
 
 
 def sliced(model: str, experts: int) -> tuple[dict[str, Any], str]:
@@ -182,6 +182,9 @@ def main() -> None:
     p.add_argument("--stages", nargs="*", type=int, default=[1, 2], choices=[1, 2])
     p.add_argument("--no-loss-memory", action="store_true", help="skip the 1x / 4x sequence-length loss rows")
     p.add_argument("--seq", type=int, default=512)
+    p.add_argument(
+        "--experts", type=int, default=None, help="routed experts kept in every row (default: per backend, see above)"
+    )
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args()
     models = a.models[:1] if a.quick else a.models
@@ -194,12 +197,12 @@ def main() -> None:
         data = {"rollouts": write_rollouts(work / "rollouts.jsonl", 4, seq // 4, seq - seq // 4),
                 "prompts": write_prompts(work / "prompts.jsonl", 8)}  # fmt: skip
         for model in models:
-            for experts in sorted({kept_experts(model, b) for b in backends}, reverse=True):
+            for experts in sorted({kept_experts(model, b, a.experts) for b in backends}, reverse=True):
                 config, cut = sliced(model, experts)
                 static = build_slice(config, work / f"{model}-{experts}-static")
                 inject = work / f"{model}-{experts}-inject"
                 run(["inject-zero-experts", str(static), "--out", str(inject)])
-                for backend in (b for b in backends if kept_experts(model, b) == experts):
+                for backend in (b for b in backends if kept_experts(model, b, a.experts) == experts):
                     for trainable in a.trainables:
                         for stage in a.stages:
                             row = measure_row(model, static, inject, backend, trainable, stage, data, work, seq)
@@ -226,7 +229,8 @@ def main() -> None:
               **provenance(inputs={"deepspeed_config": ROOT / "recipes/deepspeed/zero3.json"}),
               "settings": {"seq_len": seq, "common": COMMON, "backends": {b: BACKENDS[b] for b in backends},
                            "trainables": a.trainables, "stages": a.stages,
-                           "slices": {m: {b: sliced(m, kept_experts(m, b))[1] for b in backends} for m in models}},
+                           "slices": {m: {b: sliced(m, kept_experts(m, b, a.experts))[1] for b in backends}
+                                      for m in models}},
               "rows": rows, "loss_memory": losses, "failed_rows": sum(1 for r in rows if r.get("failed")),
               "worst_error": max((abs(r["error"]) for r in rows if "error" in r), default=None)}  # fmt: skip
     path = write_result("memory-scale-quick" if a.quick else "memory-scale", result, a.out)
