@@ -21,7 +21,6 @@ from zeda_cli import load_tokenizer
 pytestmark = pytest.mark.skipif(vh.vllm_skip_reason() is not None, reason=vh.vllm_skip_reason() or "")
 
 BUNDLED = vh.ROOT / "models" / "pystdlib-moe"
-BUNDLED_GLM = vh.ROOT / "models" / "pystdlib-glm"  # trained GLM-4.7-Flash in miniature; the same tokenizer
 TOLERANCE = 1e-4  # max abs prompt log-prob difference, fp32
 TINY_PROMPTS = [[5, 10, 20, 30, 42, 7, 9, 50, 20, 33, 61, 12], [17, 18, 19, 60, 3, 4, 44, 71], [80, 8, 8, 23, 36]]
 EXTRA_FAMILIES = ["qwen2_moe", "mixtral", "olmoe", "glm4_moe", "deepseek_v3"]  # beyond Qwen3-MoE and GLM-4.7-Flash
@@ -61,9 +60,6 @@ def folders(tmp_path_factory: pytest.TempPathFactory, demo_export: Path) -> dict
     for init in ("gaussian", "masked"):
         inject_zero_experts(str(BUNDLED), root / init, zero=ZeroExpertsSection(init=init))
         out[init] = root / init
-        # the trained GLM fixture: its trained sigmoid router and correction bias, MLA at the real latent width
-        inject_zero_experts(str(BUNDLED_GLM), root / f"glm-fixture-{init}", zero=ZeroExpertsSection(init=init))
-        out[f"glm_fixture_{init}"] = root / f"glm-fixture-{init}"
     out["bias"] = vh.edit_config(out["gaussian"], root / "bias", zero_expert_bias=1.0)
     out["official"] = vh.official_format(out["gaussian"], root / "official")
     out["official_default_mask"] = vh.official_format(out["gaussian"], root / "official-nomask", use_zce_mask=None)
@@ -96,9 +92,6 @@ def _jobs(folders: dict[str, Path], bundled: list[list[int]]) -> list[vh.Job]:
         job("glm4_moe_lite", "glm4_moe_lite", TINY_PROMPTS, **mla),
         job("glm4_moe_lite_compiled", "glm4_moe_lite", TINY_PROMPTS, enforce_eager=False, **mla),
         job("glm_official", "glm_official", TINY_PROMPTS, **mla),
-        job("glm_fixture", "glm_fixture_gaussian", bundled, **mla),
-        job("glm_fixture_compiled", "glm_fixture_gaussian", bundled, enforce_eager=False, **mla),
-        job("glm_fixture_masked", "glm_fixture_masked", bundled, **mla),
         *[job(name, name, TINY_PROMPTS, **(mla if name == "deepseek_v3" else {})) for name in EXTRA_FAMILIES],
         *[job(name, name, TINY_PROMPTS) for name in ("bad_rows", "bad_types", "bad_no_bias")],
     ]
@@ -129,9 +122,8 @@ def parity(served, folders, bundled_prompts) -> dict[str, dict]:
 
 
 PARITY_CASES = ["gaussian", "gaussian_compiled", "gaussian_compiled+dial", "bias", "demo", "official",
-                "glm4_moe_lite", "glm4_moe_lite_compiled", "glm_official", "glm_fixture", "glm_fixture_compiled",
-                *EXTRA_FAMILIES]  # fmt: skip
-MASKED_CASES = ["masked", "official_default_mask", "glm_fixture_masked"]
+                "glm4_moe_lite", "glm4_moe_lite_compiled", "glm_official", *EXTRA_FAMILIES]  # fmt: skip
+MASKED_CASES = ["masked", "official_default_mask"]
 
 
 @pytest.mark.parametrize("case", PARITY_CASES + MASKED_CASES)
