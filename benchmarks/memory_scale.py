@@ -127,15 +127,14 @@ def measure_row(model: str, static: Path, inject: Path, backend: str, trainable:
     tree = run_tree(zeda_child("distill", "--stage", str(stage), str(inject), "--out", str(out), *extra,
                                *sets(overrides), "-q"))  # fmt: skip
     ranks = tree.peaks_of("zeda_cli.distill.worker")
+    anon = [round(r["peak_anon_bytes"] / 1024**3, 3) for r in ranks]
     est = estimate(static, f"stage{stage}", overrides, work)
     if tree.returncode != 0:
         shutil.rmtree(out, ignore_errors=True)
         return {"model": model, "backend": backend, "trainable": trainable, "stage": stage, "failed": True,
-                "exit_code": tree.returncode, "output_tail": tree.output[-12000:],
-                "measured_anon_gb_per_rank": [round(r["peak_anon_bytes"] / 1024**3, 3) for r in ranks],
+                "exit_code": tree.returncode, "output_tail": tree.output[-12000:], "measured_anon_gb_per_rank": anon,
                 "estimate_gb_per_rank": round(est["per_process_gb"], 3), "components_gb": est.get("components"),
                 "seconds": round(tree.seconds, 1)}  # fmt: skip
-    anon = [round(r["peak_anon_bytes"] / 1024**3, 3) for r in ranks]
     rss = [round(r["peak_rss_bytes"] / 1024**3, 3) for r in ranks]
     row = {"model": model, "backend": backend, "trainable": trainable, "stage": stage,
            "measured_anon_gb_per_rank": anon, "measured_rss_gb_per_rank": rss,
