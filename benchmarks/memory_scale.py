@@ -14,6 +14,8 @@ that fails (out of memory, a crash) is recorded with its error instead of ending
 
     python benchmarks/memory_scale.py            # every row (~1 h on 2 cores), writes results/memory-scale.json
     python benchmarks/memory_scale.py --quick    # one model, one backend, small sequences (tests)
+    python benchmarks/memory_scale.py --stages 2 --stage2-full-experts 8   # stage 2 only, a smaller cut where the
+                                                                           # student and the teacher train together
 """
 
 from __future__ import annotations
@@ -90,6 +92,13 @@ def write_prompts(path: Path, count: int) -> Path:
 
 def kept_experts(model: str, backend: str, override: int | None = None) -> int:
     return override or (DEEPSPEED_EXPERTS[model] if backend == "deepspeed" else KEPT_EXPERTS[model])
+
+
+def row_experts(model: str, backend: str, trainable: str, stage: int, a: argparse.Namespace) -> int:
+    """The cut of one row: full-parameter stage 2 holds the student and a frozen teacher, so it may need fewer."""
+    if trainable == "full" and stage == 2 and a.stage2_full_experts:
+        return a.stage2_full_experts
+    return kept_experts(model, backend, a.experts)
 
 
 def sliced(model: str, experts: int) -> tuple[dict[str, Any], str]:
@@ -184,6 +193,12 @@ def main() -> None:
     p.add_argument(
         "--experts", type=int, default=None, help="routed experts kept in every row (default: per backend, see above)"
     )
+    p.add_argument(
+        "--stage2-full-experts",
+        type=int,
+        default=None,
+        help="routed experts of the full-parameter stage-2 rows (student + teacher; default: as above)",
+    )
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args()
     models = a.models[:1] if a.quick else a.models
@@ -196,17 +211,16 @@ def main() -> None:
         data = {"rollouts": write_rollouts(work / "rollouts.jsonl", 4, seq // 4, seq - seq // 4),
                 "prompts": write_prompts(work / "prompts.jsonl", 8)}  # fmt: skip
         for model in models:
-            for experts in sorted({kept_experts(model, b, a.experts) for b in backends}, reverse=True):
+            plan = [(b, t, s) for b in backends for t in a.trainables for s in a.stages]
+            for experts in sorted({row_experts(model, *row, a) for row in plan}, reverse=True):
                 config, cut = sliced(model, experts)
                 static = build_slice(config, work / f"{model}-{experts}-static")
                 inject = work / f"{model}-{experts}-inject"
                 run(["inject-zero-experts", str(static), "--out", str(inject)])
-                for backend in (b for b in backends if kept_experts(model, b, a.experts) == experts):
-                    for trainable in a.trainables:
-                        for stage in a.stages:
-                            row = measure_row(model, static, inject, backend, trainable, stage, data, work, seq)
-                            rows.append({**row, "cut": cut})
-                            print(json.dumps({k: v for k, v in row.items() if k != "output_tail"}), flush=True)
+                for backend, trainable, stage in (row for row in plan if row_experts(model, *row, a) == experts):
+                    row = measure_row(model, static, inject, backend, trainable, stage, data, work, seq)
+                    rows.append({**row, "cut": cut})
+                    print(json.dumps({k: v for k, v in row.items() if k != "output_tail"}), flush=True)
                 if model == models[0] and not losses["rows"] and not a.no_loss_memory:
                     losses = loss_memory(static, inject, work, (seq, 4 * seq) if not a.quick else (64, 256))
                 shutil.rmtree(static, ignore_errors=True)
@@ -229,7 +243,7 @@ def main() -> None:
               "settings": {"seq_len": seq, "common": COMMON, "backends": {b: BACKENDS[b] for b in backends},
                            "trainables": a.trainables, "stages": a.stages,
                            "slices": {m: {b: sliced(m, kept_experts(m, b, a.experts))[1] for b in backends}
-                                      for m in models}},
+                                      for m in models}, "stage2_full_experts": a.stage2_full_experts},
               "rows": rows, "loss_memory": losses, "failed_rows": sum(1 for r in rows if r.get("failed")),
               "worst_error": max((abs(r["error"]) for r in rows if "error" in r), default=None)}  # fmt: skip
     path = write_result("memory-scale-quick" if a.quick else "memory-scale", result, a.out)

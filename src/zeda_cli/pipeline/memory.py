@@ -17,6 +17,12 @@ target models on 2 CPU ranks next to these figures. Terms (bytes):
   final hidden states and one chunk of logits (the head runs chunk by chunk: ``distill.logits``); the dense
   losses add the teacher's bf16 distribution;
 * stage 2 with ``generation.engine: hf``: the KV cache and step logits of generating the whole step's samples;
+  under FSDP2 also the embedding's full weight: the head's unit is kept gathered from its forward until its
+  backward, so from generate's second token on the embedding is gathered beside it;
+* under DeepSpeed, rank 0's consolidated save at the end of a stage: the full model in the parameters' dtype and
+  one leaf's gather (device memory on CPU; on GPU DeepSpeed copies the tensors to host RAM), beside the sharded
+  weights and optimizer state.
+  The stage's peak is the larger of that and the training step;
 * a fixed margin (runtime, allocator slack, CUDA context).
 """
 
@@ -208,7 +214,20 @@ def _generation(shape: ModelShape, recipe: Recipe, s: Setup, prompt_tokens: int)
     s2 = recipe.stage2
     sequences = s2.prompts_per_step * s2.samples_per_prompt
     kv = sequences * (prompt_tokens + s2.max_new_tokens) * shape.layers * shape.kv_width * s.bytes_
-    return kv + sequences * shape.vocab * 4 * 2
+    # FSDP2 keeps the head's unit (final norm + lm_head) gathered from its forward until its backward, and generate
+    # runs forwards only: the next token's embedding unit is gathered beside it (untied weights: two matrices).
+    untied = shape.embed_params >= 2 * shape.vocab * shape.hidden
+    embedding = s.bytes_ * shape.vocab * shape.hidden if s.kind == "fsdp2" and untied else 0
+    return kv + sequences * shape.vocab * 4 * 2 + embedding
+
+
+def _consolidated_save(shape: ModelShape, s: Setup) -> int:
+    """DeepSpeed ZeRO-3 writes a stage's weights from one consolidated state dict that rank 0 builds module by
+    module: the whole model in the parameters' dtype, and the largest leaf's gather staged beside it once more (as
+    in the training step's gathered term)."""
+    if s.kind != "deepspeed" or s.shard == 1:
+        return 0
+    return s.bytes_ * (shape.total_params + max(shape.largest_block_params, shape.vocab * shape.hidden))
 
 
 def _server(shape: ModelShape, bytes_: int, sequences: int, new_tokens: int, prompt_tokens: int) -> int:
@@ -235,6 +254,16 @@ def train_estimate(shape: ModelShape, recipe: Recipe, stage: str, device: str, p
     formula = f"{s.kind}: " + " + ".join(f"{k} {v / GB:.2f}" for k, v in parts.items() if v)
     components = {k: round(v / GB, 3) for k, v in parts.items()}
     node_host = host * min(recipe.distributed.nproc, s.ranks)  # every rank of a node offloads its own shard
+    save = _consolidated_save(shape, s)
+    if save and device == "cuda":  # DeepSpeed moves each gathered tensor to the host as it builds the state dict
+        node_host += save
+    elif save:
+        saving = states + save + MARGIN[device]
+        components["rank 0's consolidated save (apart from training)"] = round(saving / GB, 3)
+        if saving > total:
+            formula = (f"rank 0's consolidated save: weights + optimizer state {states / GB:.2f} + the full model "
+                       f"{save / GB:.2f} + margin (above the training step: {formula})")  # fmt: skip
+            total = saving
     return StageEstimate(stage, device, total / GB, node_host / GB, s.ranks, formula, components)
 
 
