@@ -29,16 +29,17 @@ from provenance import provenance
 FIXTURES = ("pystdlib-moe", "pystdlib-glm")
 
 
-def dispatch_counts(folder: Path, reports: Path, texts: Path, records: int, max_length: int) -> list[dict[str, Any]]:
+def dispatch_counts(folder: Path, reports: Path, *options: str) -> list[dict[str, Any]]:
+    """Each of 2 ranks forwards and backwards its records through FSDP2 + EP 2 (benchmarks/ep_dispatch_ranks.py with
+    ``options``) and reports its counts; tests/test_fsdp2.py runs the same."""
     from zeda_cli.distill.launch import free_port
 
     reports.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                f"--master_port={free_port()}", str(ROOT / "benchmarks" / "ep_dispatch_ranks.py"), str(folder),
-               str(reports), "--texts", str(texts), "--records", str(records),
-               "--max-length", str(max_length)]  # fmt: skip
+               str(reports), *options]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    proc = subprocess.run(command, env=env, capture_output=True, text=True)
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:
         raise RuntimeError(f"the ranks failed ({proc.returncode}): {proc.stdout[-2000:]}{proc.stderr[-2000:]}")
     return [json.loads((reports / f"rank{rank}.json").read_text()) for rank in range(2)]
@@ -50,8 +51,8 @@ def fixture_rows(fixture: str, work: Path, args: argparse.Namespace) -> dict[str
     zeda_json("inject-zero-experts", str(static), "--out", str(inject))
     calibration = zeda_json("calibrate", str(inject), "--target-skip", str(args.target_skip), "--data",
                             str(static / "data" / "prompts.jsonl"))  # fmt: skip
-    reports = dispatch_counts(inject, work / f"{fixture}-reports", static / "data" / "heldout.jsonl", args.records,
-                              args.max_length)  # fmt: skip
+    reports = dispatch_counts(inject, work / f"{fixture}-reports", "--texts", str(static / "data" / "heldout.jsonl"),
+                              "--records", str(args.records), "--max-length", str(args.max_length))  # fmt: skip
     rows = []
     for report in reports:
         for layer in report["layers"]:

@@ -7,6 +7,8 @@ engine in its own environment (``vllm``: ``zeda_vllm.engine`` in .venv-vllm, dri
    warm-up batch) is timed apart from the throughput.
 2. **Stage-2 steps** on the bundled model (tiny-demo's router-only stage 2) by ``zeda distill --stage 2`` with each
    engine: median step time, and for vllm what the weight sync after each step costs.
+3. **Parity after synced steps** (``--parts parity``): both bundled models, router-only then full-parameter steps
+   synced into an fp32 server; its samples' log-probs against the trainer's model and the unsynced weights.
 
     python benchmarks/generation.py            # the full comparison (needs .venv-vllm: make install-vllm)
     python benchmarks/generation.py --quick    # a narrow 2-layer slice, 1 batch, 3 stage-2 steps: the CI smoke run
@@ -34,6 +36,7 @@ import torch
 from common import ROOT, machine, print_table, run_tree, write_result, zeda_child, zeda_json
 from provenance import provenance
 from speed_e2e import E2E_QUICK, E2EShape, build_e2e_models
+from sync_parity import sync_parity
 from zeda_cli.distill.generation import SamplingSettings, generator
 from zeda_cli.inject import inject_zero_experts
 from zeda_cli.recipes import GenerationSection, Recipe, RuntimeSection, ZeroExpertsSection
@@ -269,7 +272,7 @@ def _recorded(demo: tuple, work: Path, args: argparse.Namespace) -> dict[str, An
                 "failed": str(exc)[-2000:]}  # fmt: skip
 
 
-PARTS = ("rollouts", "stage2", "teacher", "engines", "batching", "sync", "quality")
+PARTS = ("rollouts", "stage2", "teacher", "engines", "batching", "sync", "parity", "quality")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -314,6 +317,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                  for n in (1, 2)]  # fmt: skip
         if "batching" in parts:
             result["batching"] = batching(inject, prompts, args.new_tokens, work, args)
+        if "parity" in parts:
+            glm = inject_zero_experts(str(GLM_BUNDLED), work / "glm-inject", zero=ZeroExpertsSection()).out
+            gen = gen_section(args, engine="vllm", enforce_eager=True)
+            result["parity"] = [{"model": name, **row}
+                                for name, folder in (("pystdlib-moe", inject), ("pystdlib-glm", glm))
+                                for row in sync_parity(folder, [p[:32] for p in prompts[:4]], work, gen)]  # fmt: skip
         if "quality" in parts:
             result["demo_quality"] = [_recorded(demo, work, args) for demo in DEMOS]
     finally:
@@ -351,6 +360,12 @@ def show(result: dict[str, Any]) -> None:
                     ["model", "trainable", "MB sent", "buckets", "s", "extra peak MB", "staged peak MB", "bound MB"],
                     [(x["model"], x["trainable"], round(x["bytes"] / 2**20, 1), x["buckets"], x["seconds"],
                       x["extra_peak_mb"], x["staged_peak_mb"], x["bound_mb"]) for x in result["sync"]])  # fmt: skip
+    if "parity" in result:
+        print_table("Server vs trainer after 3 synced steps (fp32, max |log-prob difference| of the server's samples)",
+                    ["model", "trainable", "synced", "stale", "bytes per sync", "buckets", "s per sync"],
+                    [(x["model"], x["trainable"], f"{x['synced_max_abs']:.1e}", f"{x['stale_max_abs']:.3f}",
+                      x["syncs"][-1]["bytes"], x["syncs"][-1]["buckets"],
+                      max(s["seconds"] for s in x["syncs"])) for x in result["parity"]])  # fmt: skip
     if result.get("demo_quality"):
         stages = ("rollout", "stage1", "stage2")
         print_table("Demo recipes end to end (zeda convert, then zeda eval of stage 2)",

@@ -1,31 +1,27 @@
 """Memory plan for Qwen3-30B-A3B and GLM-4.7-Flash: zeda's per-stage estimates (what `zeda convert --dry-run`
-prints) for the ways to run them, and a check of the estimator against a real measurement.
+prints) for the ways to run them, per training process, per GPU and per node's host RAM.
 
-Estimates come from header-only (sparse) skeletons of the real checkpoints. No GPU is assumed: the check measures
-peak RSS of router-only stage 1 on CPU, on a full-width Qwen3-30B-A3B slice (random weights, ``--layers`` layers),
-against the estimate for that same slice and recipe.
+Estimates come from header-only (sparse) skeletons of the real checkpoints: nothing is trained. The estimator is
+measured against real runs by ``benchmarks/memory_scale.py`` (full-width slices, every backend, 2 CPU ranks).
 
-    python benchmarks/memory_plan.py           # estimates + CPU check on a 2-layer full-width slice
-    python benchmarks/memory_plan.py --quick   # estimates + a tiny check (tests)
+    python benchmarks/memory_plan.py           # every plan of both models (~1 min)
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from common import ROOT, machine, print_table, python_child, run_child, write_result, zeda_child, zeda_json
+from common import machine, print_table, write_result, zeda_json
 from provenance import provenance
 from zeda_cli.architectures import resolve_config
 from zeda_cli.inspect_model import inspect_model
 from zeda_cli.io.skeleton import GLM_4_7_FLASH, QWEN3_30B_A3B, write_skeleton
 from zeda_cli.io.sources import read_config_json
-from zeda_cli.pipeline.memory import ModelShape, estimate_stages
-from zeda_cli.recipes import load_recipe
+from zeda_cli.pipeline.memory import ModelShape
 
 EIGHT_K = ["stage1.max_seq_len=8192", "stage2.max_new_tokens=8192", "rollout.max_new_tokens=8192"]
 NO_OFFLOAD = ["distributed.cpu_offload=false"]
@@ -85,64 +81,14 @@ def _recipes() -> Path:
     return recipes_dir()
 
 
-SLICE_RECIPE = ["stage1.trainable=router", "stage1.micro_batch_size=1", "stage1.global_batch_size=1",
-                "stage1.max_seq_len={seq}", "stage1.max_steps=2", "runtime.device=cpu", "runtime.dtype=float32",
-                "distributed.nproc=1", "distributed.deepspeed=null"]  # fmt: skip
-
-
-def measured_check(work: Path, layers: int, seq: int, quick: bool) -> dict[str, Any]:
-    """Router-only stage 1 on a random full-width slice: estimate vs measured peak RSS (CPU, fp32)."""
-    config = dict(QWEN3_30B_A3B, num_hidden_layers=layers)
-    if quick:
-        config.update(hidden_size=256, moe_intermediate_size=128, num_experts=16, vocab_size=4096,
-                      intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, head_dim=64)  # fmt: skip
-    static = work / "slice"
-    code = (f"import json, torch; from transformers import AutoConfig, AutoModelForCausalLM\n"
-            f"cfg = json.loads({json.dumps(json.dumps(config))}); mt = cfg.pop('model_type')\n"
-            f"m = AutoModelForCausalLM.from_config(AutoConfig.for_model(mt, **cfg), dtype=torch.float32)\n"
-            f"m.save_pretrained({str(static)!r}, max_shard_size='2GB')")  # fmt: skip
-    assert run_child(python_child(code)).returncode == 0
-    for name in ("tokenizer.json", "tokenizer_config.json"):  # stage 1 trains on token ids; any tokenizer will do
-        shutil.copyfile(ROOT / "models" / "pystdlib-moe" / name, static / name)
-    (work / "prompts.jsonl").write_text(json.dumps({"prompt": "def f(x):"}) + "\n")
-    inject = work / "inject"
-    assert run_child(zeda_child("inject-zero-experts", str(static), "--out", str(inject), "-q")).returncode == 0
-    rollouts = work / "rollouts.jsonl"
-    ids = list(range(10, 10 + seq))
-    rollouts.write_text(json.dumps({"id": 0, "prompt": "", "prompt_ids": ids[:8], "response": "",
-                                    "response_ids": ids[8:], "finished": False}) + "\n")  # fmt: skip
-    overrides = [o.format(seq=seq) for o in SLICE_RECIPE]
-    args = ["distill", "--stage", "1", str(inject), "--out", str(work / "s1"), "--rollouts", str(rollouts), "-q"]
-    run = run_child(zeda_child(*args, *[a for o in overrides for a in ("--set", o)]))
-    if run.returncode != 0:
-        raise SystemExit(run.output[-3000:])
-    recipe = load_recipe(None, overrides)
-    estimate = estimate_stages(shape_of(inject), recipe, "cpu", ["stage1"])[0]
-    # The estimate counts allocated memory (what a GPU would hold). On CPU, VmHWM also holds the file pages of the
-    # mmapped safetensors while they are copied into the model (reclaimable page cache, ~1x the weights), so the
-    # error is taken against the peak of anonymous memory; both are reported.
-    anon_gb = run.peak_anon_bytes / 1024**3
-    return {
-        "slice": {"layers": layers, "seq": seq, "quick": quick},
-        "estimate_gb": estimate.per_process_gb,
-        "measured_peak_rss_gb": run.peak_rss_bytes / 1024**3,
-        "measured_peak_anon_gb": anon_gb,
-        "error": estimate.per_process_gb / anon_gb - 1.0 if anon_gb else None,
-        "formula": estimate.formula,
-    }
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--seq", type=int, default=512)
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="the same plans, written as memory-plan-quick (tests)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="zeda-memplan-"))
     try:
         rows = estimates(work)
-        check = measured_check(work, 1 if args.quick else args.layers, 64 if args.quick else args.seq, args.quick)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print_table(f"zeda convert --dry-run on {GPU_GB} GB GPUs: a training process, the busiest GPU, a node's host RAM",
@@ -150,14 +96,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 [(r["model"], r["plan"], r["stage"], f"{r['per_process_gb']:.1f}", r["processes"],
                   r["busiest_gpu_gb"], f"{r['node_host_gb']:.0f}", "yes" if r["fits"] else r["problems"][0][:50])
                  for r in rows])  # fmt: skip
-    print_table("Estimator check (router-only stage 1 on CPU, full-width Qwen3-30B-A3B slice)",
-                ["layers", "seq", "estimate GB", "peak anonymous GB", "error", "peak RSS GB (+ mmapped pages)"],
-                [(check["slice"]["layers"], check["slice"]["seq"], f"{check['estimate_gb']:.2f}",
-                  f"{check['measured_peak_anon_gb']:.2f}", f"{check['error']:+.0%}",
-                  f"{check['measured_peak_rss_gb']:.2f}")])  # fmt: skip
     inputs = {name: _recipes() / f"{name}.yaml" for _, name in MODELS.values()}
     result = {"schema": "zeda.bench.memory_plan/2", "machine": machine(), "gpu_gb": GPU_GB, "estimates": rows,
-              "check": check, **provenance(inputs=inputs)}  # fmt: skip
+              **provenance(inputs=inputs)}  # fmt: skip
     print(f"wrote {write_result('memory-plan-quick' if args.quick else 'memory-plan', result, args.out)}")
     return result
 

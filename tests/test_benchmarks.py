@@ -90,8 +90,6 @@ def test_memory_plan_quick(tmp_path):
         assert two_nodes["processes"] == 16 and two_nodes["per_process_gb"] < one_node["per_process_gb"]
     offload = rows[("Qwen3-30B-A3B", recipe, "stage1")]
     assert offload["node_host_gb"] > 8 * 40  # 8 ranks' fp32 master, grads and Adam state of ~30B params / 8
-    check = result["check"]
-    assert check["measured_peak_rss_gb"] >= check["measured_peak_anon_gb"] > 0 and check["estimate_gb"] > 0
     assert result["provenance"]["command"].startswith("python benchmarks/memory_plan.py --quick")
 
 

@@ -176,16 +176,11 @@ def test_a_family_without_an_expert_parallel_plan_is_refused(tiny_dynamic, tmp_p
     assert result.exit_code == EXIT_BAD_INPUT and len(lines) == 1 and "expert-parallel plan" in lines[0], result.output
 
 
-def _dispatch_counts(folder: Path, reports: Path, *extra: str) -> list[dict]:
-    from zeda_cli.distill.launch import free_port
+def _dispatch_counts(folder: Path, reports: Path, *options: str) -> list[dict]:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from ep_dispatch import dispatch_counts  # the benchmark's own launch of the rank script
 
-    script = ROOT / "benchmarks" / "ep_dispatch_ranks.py"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               f"--master_port={free_port()}", str(script), str(folder), str(reports), *extra]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return [json.loads((reports / f"rank{rank}.json").read_text()) for rank in range(2)]
+    return dispatch_counts(folder, reports, *options)
 
 
 @pytest.mark.parametrize("all_zero", [False, True])

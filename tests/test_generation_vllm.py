@@ -25,6 +25,9 @@ from zeda_cli.recipes import GenerationSection, ZeroExpertsSection
 from zeda_cli.runs import read_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from sync_parity import sync_parity  # noqa: E402  (the benchmark's measurement, asserted here)
+
 BUNDLED = ROOT / "models" / "pystdlib-moe"
 PROMPTS = BUNDLED / "data" / "prompts-heldout.jsonl"
 VLLM = ["generation.engine=vllm", "generation.enforce_eager=true"]  # eager: a faster engine start on CPU
@@ -49,30 +52,6 @@ def engines_alive(marker: str) -> list[int]:
     return [int(p) for p in out.split()]
 
 
-def student_logprobs(model, prompt: list[int], tokens: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        logits = model(input_ids=torch.tensor([prompt + tokens])).logits[0].float()
-    lp = torch.log_softmax(logits[len(prompt) - 1 : len(prompt) - 1 + len(tokens)], -1)
-    return lp.gather(-1, torch.tensor(tokens)[:, None]).squeeze(-1)
-
-
-def _served_logprobs(pool, prompts: list[list[int]], tokens: int = 24) -> list[dict]:
-    body = {"prompts": prompts, "max_tokens": tokens, "temperature": 1.0, "top_p": 1.0, "seed": 5}
-    return [row[0] for row in pool.clients[0].call("/generate", body)["samples"]]
-
-
-def _max_diff(model, prompts, samples) -> float:
-    return max(float((student_logprobs(model, p, s["token_ids"]) - torch.tensor(s["logprobs"])).abs().max())
-               for p, s in zip(prompts, samples, strict=True))  # fmt: skip
-
-
-def _step(model, generator, scale: float) -> None:
-    """An optimizer step's worth of change to every trainable tensor."""
-    with torch.no_grad():
-        for p in (p for p in model.parameters() if p.requires_grad):
-            p.add_(torch.randn(p.shape, generator=generator) * scale)
-
-
 def _sampler(model, pool, trainable: str, dtype: str, tolerance: float, folder: Path, bucket_mb: float):
     from zeda_cli.distill.generation.sync import FileTransport, sync_units
     from zeda_cli.distill.generation.vllm import SyncPlan, _whole
@@ -85,39 +64,20 @@ def _sampler(model, pool, trainable: str, dtype: str, tolerance: float, folder: 
 
 @pytest.mark.parametrize("case", ["bundled", "glm4_moe_lite_flash"])
 def test_streamed_sync_keeps_the_server_on_the_trainers_weights(dyn, case, tmp_path, record):
-    """Three router-only then three full-parameter steps, each synced module by module in small buckets: the
-    server's log-probs of its own samples equal the trainer's model's (fp32, 1e-3) and differ from the weights it
-    started with; the probe after every sync agrees."""
-    from zeda_cli.distill.generation.vllm import running_servers
-
+    """Three router-only then three full-parameter steps, each synced module by module in small buckets
+    (benchmarks/sync_parity.py, which the generation benchmark also runs): the server's log-probs of its own samples
+    equal the trainer's model's (fp32, 1e-3) and differ from the weights it started with; the probe after every sync
+    agrees (a disagreement raises)."""
     folder = dyn if case == "bundled" else _flash(tmp_path)
     tok = load_tokenizer(folder)
     prompts = ([tok(json.loads(line)["prompt"])["input_ids"][:32] for line in PROMPTS.read_text().splitlines()[:4]]
                if case == "bundled" else [[5, 10, 20, 30, 42, 7, 9, 50], [17, 18, 19, 60, 3, 4, 44, 71]])  # fmt: skip
-    model = load_model(folder, dtype=torch.float32).eval()
-    start = load_model(folder, dtype=torch.float32).eval()
-    spec = ServerSpec(str(folder), "float32", 256, tmp_path / "engine.log")
-    generator = torch.Generator().manual_seed(0)
-    with running_servers([spec], GenerationSection(engine="vllm", enforce_eager=True)) as pool:
-        step = 0
-        for trainable, scale in (("router", 0.05), ("full", 0.01)):
-            # buckets smaller than one sync, so that every sync is several (a router-only one is ~60 KB)
-            plan = _sampler(model, pool, trainable, "float32", 1e-3, tmp_path, bucket_mb=0.25 if trainable == "full"
-                            else 0.004)  # fmt: skip
-            sampler = VllmSampler(pool, prompts[0], 1e-3, None, plan, start=step)
-            sampler.sync(model, step)  # the probe of the weights the server holds now
-            for _ in range(3):
-                _step(model, generator, scale)
-                step += 1
-                sampler.sync(model, step)
-                record.setdefault(f"{case}/{trainable}", []).append(
-                    {"bytes": sampler.last.bytes, "buckets": sampler.last.buckets, "seconds": sampler.last.seconds}
-                )
-            samples = _served_logprobs(pool, prompts)
-            synced, stale = _max_diff(model, prompts, samples), _max_diff(start, prompts, samples)
-            record[f"{case}/{trainable}/parity"] = {"synced": synced, "stale": stale}
-            assert synced <= 1e-3 and stale > 1e-2, (trainable, synced, stale)
-            assert sampler.last.buckets > 1
+    rows = sync_parity(folder, prompts, tmp_path, GenerationSection(engine="vllm", enforce_eager=True))
+    assert [r["trainable"] for r in rows] == ["router", "full"]
+    for row in rows:
+        record[f"{case}/{row['trainable']}"] = row
+        assert row["synced_max_abs"] <= 1e-3 and row["stale_max_abs"] > 1e-2, row
+        assert all(s["buckets"] > 1 for s in row["syncs"]), row["syncs"]
 
 
 def test_in_bf16_the_probe_tolerance_separates_stale_from_synced_weights(dyn, tmp_path, record):
