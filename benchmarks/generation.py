@@ -320,8 +320,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if "parity" in parts:
             glm = inject_zero_experts(str(GLM_BUNDLED), work / "glm-inject", zero=ZeroExpertsSection()).out
             gen = gen_section(args, engine="vllm", enforce_eager=True)
-            result["parity"] = [row for name, folder in (("pystdlib-moe", inject), ("pystdlib-glm", glm))
-                                for row in _parity_rows(name, folder, [p[:32] for p in prompts[:4]], work, gen)]
+            result["parity"] = [
+                row
+                for name, folder in (("pystdlib-moe", inject), ("pystdlib-glm", glm))
+                for row in _parity_rows(name, folder, [p[:32] for p in prompts[:4]], work, gen)
+            ]
         if "quality" in parts:
             result["demo_quality"] = [_recorded(demo, work, args) for demo in DEMOS]
     finally:
@@ -375,7 +378,8 @@ def show(result: dict[str, Any]) -> None:
                     [(x["model"], x["trainable"], f"{x['synced_max_abs']:.1e}", f"{x['stale_max_abs']:.3f}",
                       x["syncs"][-1]["bytes"], x["syncs"][-1]["buckets"],
                       max(s["seconds"] for s in x["syncs"])) if "failed" not in x else
-                     (x["model"], "-", "failed", x["failed"][:60], "-", "-", "-") for x in result["parity"]])  # fmt: skip
+                     (x["model"], "-", "failed", x["failed"][:60], "-", "-", "-")
+                     for x in result["parity"]])  # fmt: skip
     if result.get("demo_quality"):
         stages = ("rollout", "stage1", "stage2")
         print_table("Demo recipes end to end (zeda convert, then zeda eval of stage 2)",
