@@ -15,17 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from common import machine, print_table, write_result
-from memory_scale import BACKENDS, COMMON, estimate, sliced, write_prompts
+from memory_scale import estimate, row_overrides, sliced, write_prompts
 from provenance import provenance
 from zeda_cli.io.skeleton import write_skeleton
-
-
-def row_overrides(row: dict[str, Any], seq: int, prompts: Path) -> list[str]:
-    """The settings memory_scale.measure_row ran the row with."""
-    stage = row["stage"]
-    return [*COMMON, *BACKENDS[row["backend"]], f"stage{stage}.trainable={row['trainable']}",
-            f"stage1.max_seq_len={seq}", "stage2.max_new_tokens=32", f"data.prompts={prompts}",
-            f"rollout.max_new_tokens={seq // 2}"]  # fmt: skip
 
 
 def reestimate(measured: dict[str, Any], work: Path) -> list[dict[str, Any]]:
@@ -38,7 +30,8 @@ def reestimate(measured: dict[str, Any], work: Path) -> list[dict[str, Any]]:
         key = (row["model"], experts)
         if key not in skeletons:
             skeletons[key] = write_skeleton(sliced(row["model"], experts)[0], work / f"{row['model']}-{experts}")
-        est = estimate(skeletons[key], f"stage{row['stage']}", row_overrides(row, seq, prompts), work)
+        overrides = row_overrides(row["backend"], row["trainable"], row["stage"], seq, prompts)
+        est = estimate(skeletons[key], f"stage{row['stage']}", overrides, work)
         peak = max(row["measured_anon_gb_per_rank"])
         rows.append({**{k: row[k] for k in ("model", "backend", "trainable", "stage", "cut")},
                      "failed": bool(row.get("failed")), "measured_anon_gb_per_rank": row["measured_anon_gb_per_rank"],

@@ -125,11 +125,15 @@ def estimate(static: Path, stage: str, overrides: list[str], work: Path) -> dict
     return next(s["estimate"] for s in plan["stages"] if s["stage"] == stage)
 
 
+def row_overrides(backend: str, trainable: str, stage: int, seq: int, prompts: Path) -> list[str]:
+    """The settings of one row: the measured ``zeda distill`` and the estimate's ``--dry-run`` take the same."""
+    return [*COMMON, *BACKENDS[backend], f"stage{stage}.trainable={trainable}", f"stage1.max_seq_len={seq}",
+            "stage2.max_new_tokens=32", f"data.prompts={prompts}", f"rollout.max_new_tokens={seq // 2}"]  # fmt: skip
+
+
 def measure_row(model: str, static: Path, inject: Path, backend: str, trainable: str, stage: int,
                 data: dict[str, Path], work: Path, seq: int) -> dict[str, Any]:  # fmt: skip
-    overrides = [*COMMON, *BACKENDS[backend], f"stage{stage}.trainable={trainable}", f"stage1.max_seq_len={seq}",
-                 "stage2.max_new_tokens=32", f"data.prompts={data['prompts']}",
-                 f"rollout.max_new_tokens={seq // 2}"]  # fmt: skip
+    overrides = row_overrides(backend, trainable, stage, seq, data["prompts"])
     out = work / f"{model}-{backend}-{trainable}-s{stage}"
     shutil.rmtree(out, ignore_errors=True)
     extra = ["--rollouts", str(data["rollouts"])] if stage == 1 else []

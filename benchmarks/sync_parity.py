@@ -41,12 +41,22 @@ def perturb(model: Any, generator: torch.Generator, scale: float) -> None:
             p.add_(torch.randn(p.shape, generator=generator) * scale)
 
 
+def local_sync_plan(model: Any, pool: Any, trainable: str, dtype: str, bucket_mb: float, staging: Path) -> Any:
+    """The sync of ``model``'s ``trainable`` modules (unsharded, one process) into ``pool``'s server, probed after
+    every sync."""
+    from zeda_cli.distill.generation import vllm
+    from zeda_cli.distill.generation.sync import FileTransport, sync_units
+    from zeda_cli.distill.student import select_trainable
+
+    select_trainable(model, trainable)
+    return vllm.SyncPlan(sync_units(model, trainable), vllm._whole, dtype, int(bucket_mb * 2**20),
+                         FileTransport(pool.load_weights, staging), check_every=1)  # fmt: skip
+
+
 def sync_parity(folder: Path, prompts: list[list[int]], work: Path, gen: Any, steps: int = 3) -> list[dict[str, Any]]:
     """One row per phase of ``PHASES``: the synced and stale max |log-prob difference| and every sync's cost."""
     from zeda_cli import load_model
     from zeda_cli.distill.generation import vllm
-    from zeda_cli.distill.generation.sync import FileTransport, sync_units
-    from zeda_cli.distill.student import select_trainable
 
     model = load_model(folder, dtype=torch.float32).eval()
     start = load_model(folder, dtype=torch.float32).eval()
@@ -56,9 +66,7 @@ def sync_parity(folder: Path, prompts: list[list[int]], work: Path, gen: Any, st
     rows, step = [], 0
     with vllm.running_servers([spec], gen) as pool:
         for trainable, scale, bucket_mb in PHASES:
-            select_trainable(model, trainable)
-            plan = vllm.SyncPlan(sync_units(model, trainable), vllm._whole, "float32", int(bucket_mb * 2**20),
-                                 FileTransport(pool.load_weights, work), check_every=1)  # fmt: skip
+            plan = local_sync_plan(model, pool, trainable, "float32", bucket_mb, work)
             sampler = vllm.VllmSampler(pool, prompts[0], TOLERANCE, None, plan, start=step)
             sampler.sync(model, step)  # the probe of the weights the server holds now
             syncs = []

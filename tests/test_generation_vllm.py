@@ -18,7 +18,6 @@ import torch
 from vllm_harness import vllm_skip_reason
 from zeda_cli import load_model, load_tokenizer
 from zeda_cli.distill.generation.vllm import ServerSpec, VllmSampler
-from zeda_cli.distill.student import select_trainable
 from zeda_cli.errors import EXIT_BAD_INPUT, EXIT_EXTERNAL
 from zeda_cli.inject import inject_zero_experts
 from zeda_cli.recipes import GenerationSection, ZeroExpertsSection
@@ -26,7 +25,7 @@ from zeda_cli.runs import read_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from sync_parity import sync_parity  # noqa: E402  (the benchmark's measurement, asserted here)
+from sync_parity import local_sync_plan, sync_parity  # noqa: E402  (the benchmark's measurement, asserted here)
 
 BUNDLED = ROOT / "models" / "pystdlib-moe"
 PROMPTS = BUNDLED / "data" / "prompts-heldout.jsonl"
@@ -50,16 +49,6 @@ def sets(values: list[str]) -> list[str]:
 def engines_alive(marker: str) -> list[int]:
     out = subprocess.run(["pgrep", "-f", f"zeda_vllm.engine.*{marker}"], capture_output=True, text=True).stdout
     return [int(p) for p in out.split()]
-
-
-def _sampler(model, pool, trainable: str, dtype: str, tolerance: float, folder: Path, bucket_mb: float):
-    from zeda_cli.distill.generation.sync import FileTransport, sync_units
-    from zeda_cli.distill.generation.vllm import SyncPlan, _whole
-
-    select_trainable(model, trainable)
-    plan = SyncPlan(sync_units(model, trainable), _whole, dtype, int(bucket_mb * 2**20),
-                    FileTransport(pool.load_weights, folder), check_every=1)  # fmt: skip
-    return plan
 
 
 @pytest.mark.parametrize("case", ["bundled", "glm4_moe_lite_flash"])
@@ -91,7 +80,7 @@ def test_in_bf16_the_probe_tolerance_separates_stale_from_synced_weights(dyn, tm
     spec = ServerSpec(str(dyn), "bfloat16", 256, tmp_path / "engine.log")
     tolerance = probe_tolerance("bfloat16")
     with running_servers([spec], GenerationSection(engine="vllm", enforce_eager=True)) as pool:
-        plan = _sampler(model, pool, "router", "bfloat16", tolerance, tmp_path, bucket_mb=512)
+        plan = local_sync_plan(model, pool, "router", "bfloat16", 512, tmp_path)
         sampler = VllmSampler(pool, probe, tolerance, None, plan, start=0)
         generator = torch.Generator().manual_seed(1)
         diffs = []

@@ -163,6 +163,11 @@ def _states(shape: ModelShape, section: TrainCommon, s: Setup, router: int) -> t
     return weights + states, host, gathered
 
 
+def _largest_leaf(shape: ModelShape) -> int:
+    """Parameters of ZeRO-3's largest leaf module: an MoE block, or the vocabulary's head when that is larger."""
+    return max(shape.largest_block_params, shape.vocab * shape.hidden)
+
+
 def _gathered(shape: ModelShape, section: TrainCommon, s: Setup) -> int:
     """What a sharding backend holds unsharded at once (the current and the prefetched unit, + its gradients)."""
     if s.kind == "none":
@@ -170,7 +175,7 @@ def _gathered(shape: ModelShape, section: TrainCommon, s: Setup) -> int:
     b, block = s.bytes_, shape.largest_block_params
     grads = section.trainable == "full"
     if s.kind == "deepspeed":  # the largest leaf (an MoE block, or the vocabulary's head): gathered whole, twice,
-        return b * max(block, shape.vocab * shape.hidden) * (2 + int(grads))  # and its gradients
+        return b * _largest_leaf(shape) * (2 + int(grads))  # and its gradients
     units = min(2, max(shape.layers, 1))  # a model of one layer has no next layer to prefetch
     dense_layer = max(shape.total_params - shape.routed_expert_params - shape.embed_params, 0) // max(shape.layers, 1)
     experts = block * (s.shard // s.ep) // max(s.shard, 1) if s.shard // s.ep > 1 else 0
@@ -227,7 +232,7 @@ def _consolidated_save(shape: ModelShape, s: Setup) -> int:
     in the training step's gathered term)."""
     if s.kind != "deepspeed" or s.shard == 1:
         return 0
-    return s.bytes_ * (shape.total_params + max(shape.largest_block_params, shape.vocab * shape.hidden))
+    return s.bytes_ * (shape.total_params + _largest_leaf(shape))
 
 
 def _server(shape: ModelShape, bytes_: int, sequences: int, new_tokens: int, prompt_tokens: int) -> int:
