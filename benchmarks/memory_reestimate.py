@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from common import machine, print_table, write_result
-from memory_scale import estimate, row_overrides, sliced, write_prompts
+from memory_scale import estimate, row_overrides, sliced, write_deepspeed_bf16, write_prompts
 from provenance import provenance
 from zeda_cli.io.skeleton import write_skeleton
 
@@ -23,6 +23,8 @@ from zeda_cli.io.skeleton import write_skeleton
 def reestimate(measured: dict[str, Any], work: Path) -> list[dict[str, Any]]:
     seq = measured["settings"]["seq_len"]
     prompts = write_prompts(work / "prompts.jsonl", 8)
+    write_deepspeed_bf16(work)
+    precision = measured["settings"].get("precision", "float32")
     skeletons: dict[tuple[str, int], Path] = {}
     rows = []
     for row in measured["rows"]:
@@ -30,7 +32,7 @@ def reestimate(measured: dict[str, Any], work: Path) -> list[dict[str, Any]]:
         key = (row["model"], experts)
         if key not in skeletons:
             skeletons[key] = write_skeleton(sliced(row["model"], experts)[0], work / f"{row['model']}-{experts}")
-        overrides = row_overrides(row["backend"], row["trainable"], row["stage"], seq, prompts)
+        overrides = row_overrides(row["backend"], row["trainable"], row["stage"], seq, prompts, precision, work)
         est = estimate(skeletons[key], f"stage{row['stage']}", overrides, work)
         peak = max(row["measured_anon_gb_per_rank"])
         rows.append({**{k: row[k] for k in ("model", "backend", "trainable", "stage", "cut")},

@@ -51,10 +51,14 @@ BACKENDS = {
 }
 # Two optimizer steps: the second forward and backward run beside the Adam state the first step created (one step
 # alone peaked 2 GB lower on the Qwen slice under FSDP2).
-COMMON = ["runtime.device=cpu", "runtime.dtype=float32", "distributed.nproc=2", "balance.aux_loss_coeff=0.1",
+COMMON = ["runtime.device=cpu", "distributed.nproc=2", "balance.aux_loss_coeff=0.1",
           "stage1.global_batch_size=2", "stage1.micro_batch_size=1", "stage1.max_steps=2", "stage1.save_every=1000",
           "stage2.steps=2", "stage2.prompts_per_step=2", "stage2.samples_per_prompt=1", "stage2.micro_batch_size=1",
           "stage2.save_every=1000", "stage2.loss=sampled", "data.chat_template=false"]  # fmt: skip
+# float32: every tensor fp32. mixed: bf16 compute over fp32 master weights, the 30B recipes' setting (FSDP2
+# mixed_precision; DeepSpeed's bf16 section, in a copy of zero3.json); the teacher and gathered units are bf16 then.
+PRECISIONS = ("float32", "mixed")
+DEEPSPEED_BF16 = "zero3-bf16.json"  # written into the work folder by main()
 
 
 def build_slice(config: dict[str, Any], folder: Path) -> Path:
@@ -125,15 +129,33 @@ def estimate(static: Path, stage: str, overrides: list[str], work: Path) -> dict
     return next(s["estimate"] for s in plan["stages"] if s["stage"] == stage)
 
 
-def row_overrides(backend: str, trainable: str, stage: int, seq: int, prompts: Path) -> list[str]:
-    """The settings of one row: the measured ``zeda distill`` and the estimate's ``--dry-run`` take the same."""
-    return [*COMMON, *BACKENDS[backend], f"stage{stage}.trainable={trainable}", f"stage1.max_seq_len={seq}",
-            "stage2.max_new_tokens=32", f"data.prompts={prompts}", f"rollout.max_new_tokens={seq // 2}"]  # fmt: skip
+def precision_overrides(backend: str, precision: str, work: Path) -> list[str]:
+    if precision == "float32":
+        return ["runtime.dtype=float32"]
+    if backend == "deepspeed":
+        return ["runtime.dtype=bfloat16", f"distributed.deepspeed={work / DEEPSPEED_BF16}"]
+    return ["runtime.dtype=bfloat16", "distributed.mixed_precision=true"]
+
+
+def write_deepspeed_bf16(work: Path) -> Path:
+    config = json.loads((ROOT / "recipes/deepspeed/zero3.json").read_text())
+    path = work / DEEPSPEED_BF16
+    path.write_text(json.dumps({**config, "bf16": {"enabled": True}}, indent=1))
+    return path
+
+
+def row_overrides(backend: str, trainable: str, stage: int, seq: int, prompts: Path, precision: str = "float32",
+                  work: Path | None = None) -> list[str]:  # fmt: skip
+    """The settings of one row: the measured ``zeda distill`` and the estimate's ``--dry-run`` take the same
+    (``work``: the folder holding the bf16 DeepSpeed JSON, for ``precision`` mixed)."""
+    return [*COMMON, *BACKENDS[backend], *precision_overrides(backend, precision, work or prompts.parent),
+            f"stage{stage}.trainable={trainable}", f"stage1.max_seq_len={seq}", "stage2.max_new_tokens=32",
+            f"data.prompts={prompts}", f"rollout.max_new_tokens={seq // 2}"]  # fmt: skip
 
 
 def measure_row(model: str, static: Path, inject: Path, backend: str, trainable: str, stage: int,
-                data: dict[str, Path], work: Path, seq: int) -> dict[str, Any]:  # fmt: skip
-    overrides = row_overrides(backend, trainable, stage, seq, data["prompts"])
+                data: dict[str, Path], work: Path, seq: int, precision: str) -> dict[str, Any]:  # fmt: skip
+    overrides = row_overrides(backend, trainable, stage, seq, data["prompts"], precision, work)
     out = work / f"{model}-{backend}-{trainable}-s{stage}"
     shutil.rmtree(out, ignore_errors=True)
     extra = ["--rollouts", str(data["rollouts"])] if stage == 1 else []
@@ -144,12 +166,13 @@ def measure_row(model: str, static: Path, inject: Path, backend: str, trainable:
     est = estimate(static, f"stage{stage}", overrides, work)
     if tree.returncode != 0:
         shutil.rmtree(out, ignore_errors=True)
-        return {"model": model, "backend": backend, "trainable": trainable, "stage": stage, "failed": True,
+        return {"model": model, "backend": backend, "trainable": trainable, "stage": stage, "precision": precision,
+                "failed": True,
                 "exit_code": tree.returncode, "output_tail": tree.output[-12000:], "measured_anon_gb_per_rank": anon,
                 "estimate_gb_per_rank": round(est["per_process_gb"], 3), "components_gb": est.get("components"),
                 "seconds": round(tree.seconds, 1)}  # fmt: skip
     rss = [round(r["peak_rss_bytes"] / 1024**3, 3) for r in ranks]
-    row = {"model": model, "backend": backend, "trainable": trainable, "stage": stage,
+    row = {"model": model, "backend": backend, "trainable": trainable, "stage": stage, "precision": precision,
            "measured_anon_gb_per_rank": anon, "measured_rss_gb_per_rank": rss,
            "estimate_gb_per_rank": round(est["per_process_gb"], 3),
            "error": round(est["per_process_gb"] / max(anon) - 1.0, 3), "formula": est["formula"],
@@ -203,6 +226,12 @@ def main() -> None:
         default=None,
         help="routed experts of the full-parameter stage-2 rows (student + teacher; default: as above)",
     )
+    p.add_argument(
+        "--precision",
+        default="float32",
+        choices=PRECISIONS,
+        help="float32, or mixed: bf16 compute over fp32 master weights (as the 30B recipes)",
+    )
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args()
     models = a.models[:1] if a.quick else a.models
@@ -214,6 +243,7 @@ def main() -> None:
         work = Path(tmp)
         data = {"rollouts": write_rollouts(work / "rollouts.jsonl", 4, seq // 4, seq - seq // 4),
                 "prompts": write_prompts(work / "prompts.jsonl", 8)}  # fmt: skip
+        write_deepspeed_bf16(work)
         for model in models:
             plan = [(b, t, s) for b in backends for t in a.trainables for s in a.stages]
             for experts in sorted({row_experts(model, *row, a) for row in plan}, reverse=True):
@@ -222,7 +252,7 @@ def main() -> None:
                 inject = work / f"{model}-{experts}-inject"
                 run(["inject-zero-experts", str(static), "--out", str(inject)])
                 for backend, trainable, stage in (row for row in plan if row_experts(model, *row, a) == experts):
-                    row = measure_row(model, static, inject, backend, trainable, stage, data, work, seq)
+                    row = measure_row(model, static, inject, backend, trainable, stage, data, work, seq, a.precision)
                     rows.append({**row, "cut": cut})
                     print(json.dumps({k: v for k, v in row.items() if k != "output_tail"}), flush=True)
                 if model == models[0] and not losses["rows"] and not a.no_loss_memory:
@@ -244,7 +274,8 @@ def main() -> None:
               f"{losses['extra_token_activations_gb']} GB")  # fmt: skip
     result = {"benchmark": "memory_scale", "machine": machine(),
               **provenance(inputs={"deepspeed_config": ROOT / "recipes/deepspeed/zero3.json"}),
-              "settings": {"seq_len": seq, "common": COMMON, "backends": {b: BACKENDS[b] for b in backends},
+              "settings": {"seq_len": seq, "common": COMMON, "precision": a.precision,
+                           "backends": {b: BACKENDS[b] for b in backends},
                            "trainables": a.trainables, "stages": a.stages,
                            "slices": {m: {b: sliced(m, kept_experts(m, b, a.experts))[1] for b in backends}
                                       for m in models}, "stage2_full_experts": a.stage2_full_experts},

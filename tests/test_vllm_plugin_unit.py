@@ -14,7 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integrations" / "vllm" / "src"))
 
-from zeda_vllm import checks, engine  # noqa: E402
+from zeda_vllm import checks, compat, engine  # noqa: E402
 from zeda_vllm.errors import ZedaVllmError  # noqa: E402
 from zeda_vllm.families import BY_ARCHITECTURE  # noqa: E402
 from zeda_vllm.families import FAMILIES as VLLM_FAMILIES  # noqa: E402
@@ -305,3 +305,28 @@ def test_tensor_parallelism_without_enough_shared_memory_is_one_line_before_any_
     checks.check_shared_memory(tensor=1, free_mib=0, chunk_mib=16)  # one process: no queues
     with pytest.raises(ZedaVllmError, match=r"192 MiB free.*at least 640 MiB.*--shm-size"):
         checks.check_shared_memory(tensor=2, free_mib=192, chunk_mib=16)
+
+
+def test_glm_dense_prefix_comes_from_mlp_layer_types_and_an_interleaved_one_is_one_line():
+    config = SimpleNamespace(mlp_layer_types=["dense", "sparse", "sparse"])
+    compat.fill_dense_prefix(config)
+    assert config.first_k_dense_replace == 1
+    given = SimpleNamespace(mlp_layer_types=["dense", "sparse"], first_k_dense_replace=0)
+    compat.fill_dense_prefix(given)
+    assert given.first_k_dense_replace == 0  # a folder that says it keeps its own value
+    assert compat.dense_prefix(["sparse", "sparse"]) == 0
+    with pytest.raises(ZedaVllmError, match="dense layers first"):
+        compat.dense_prefix(["dense", "sparse", "dense"])
+
+
+def test_float32_mla_on_cpu_asks_for_the_reference_backend_and_is_refused_on_amx_without_it():
+    assert compat.cpu_mla_attention_backend(True, True, "float32") == "CPU_MLA"
+    assert compat.cpu_mla_attention_backend(True, True, "bfloat16") is None  # AMX MLA serves 16-bit weights
+    assert compat.cpu_mla_attention_backend(False, True, "float32") is None
+    assert compat.cpu_mla_attention_backend(True, False, "float32") is None
+    compat.check_cpu_mla_backend("Glm4MoeLiteForCausalLM", "float32", amx=True, backend="CPU_MLA")
+    compat.check_cpu_mla_backend("Glm4MoeLiteForCausalLM", "bfloat16", amx=True, backend=None)
+    compat.check_cpu_mla_backend("Glm4MoeLiteForCausalLM", "float32", amx=False, backend=None)
+    with pytest.raises(ZedaVllmError, match="--attention-backend CPU_MLA") as err:
+        compat.check_cpu_mla_backend("Glm4MoeLiteForCausalLM", "float32", amx=True, backend=None)
+    assert "\n" not in str(err.value)

@@ -21,6 +21,9 @@ from zeda_cli import load_tokenizer
 pytestmark = pytest.mark.skipif(vh.vllm_skip_reason() is not None, reason=vh.vllm_skip_reason() or "")
 
 BUNDLED = vh.ROOT / "models" / "pystdlib-moe"
+# trained GLM-4.7-Flash in miniature (same tokenizer): trained sigmoid router and correction bias, a dense first
+# layer, MLA at the real latent width, and a tied embedding, which vLLM's stock GLM model ignores (zeda_vllm.tied)
+BUNDLED_GLM = vh.ROOT / "models" / "pystdlib-glm"
 TOLERANCE = 1e-4  # max abs prompt log-prob difference, fp32
 TINY_PROMPTS = [[5, 10, 20, 30, 42, 7, 9, 50, 20, 33, 61, 12], [17, 18, 19, 60, 3, 4, 44, 71], [80, 8, 8, 23, 36]]
 EXTRA_FAMILIES = ["qwen2_moe", "mixtral", "olmoe", "glm4_moe", "deepseek_v3"]  # beyond Qwen3-MoE and GLM-4.7-Flash
@@ -56,10 +59,12 @@ def folders(tmp_path_factory: pytest.TempPathFactory, demo_export: Path) -> dict
     from zeda_cli.recipes import ZeroExpertsSection
 
     root = tmp_path_factory.mktemp("vllm-folders")
-    out: dict[str, Path] = {"static": BUNDLED, "demo": demo_export}
+    out: dict[str, Path] = {"static": BUNDLED, "demo": demo_export, "glm_fixture_static": BUNDLED_GLM}
     for init in ("gaussian", "masked"):
         inject_zero_experts(str(BUNDLED), root / init, zero=ZeroExpertsSection(init=init))
         out[init] = root / init
+        inject_zero_experts(str(BUNDLED_GLM), root / f"glm-fixture-{init}", zero=ZeroExpertsSection(init=init))
+        out[f"glm_fixture_{init}"] = root / f"glm-fixture-{init}"
     out["bias"] = vh.edit_config(out["gaussian"], root / "bias", zero_expert_bias=1.0)
     out["official"] = vh.official_format(out["gaussian"], root / "official")
     out["official_default_mask"] = vh.official_format(out["gaussian"], root / "official-nomask", use_zce_mask=None)
@@ -92,6 +97,9 @@ def _jobs(folders: dict[str, Path], bundled: list[list[int]]) -> list[vh.Job]:
         job("glm4_moe_lite", "glm4_moe_lite", TINY_PROMPTS, **mla),
         job("glm4_moe_lite_compiled", "glm4_moe_lite", TINY_PROMPTS, enforce_eager=False, **mla),
         job("glm_official", "glm_official", TINY_PROMPTS, **mla),
+        job("glm_fixture", "glm_fixture_gaussian", bundled, **mla),
+        job("glm_fixture_masked", "glm_fixture_masked", bundled, **mla),
+        job("glm_fixture_static", "glm_fixture_static", bundled, **mla),
         *[job(name, name, TINY_PROMPTS, **(mla if name == "deepseek_v3" else {})) for name in EXTRA_FAMILIES],
         *[job(name, name, TINY_PROMPTS) for name in ("bad_rows", "bad_types", "bad_no_bias")],
     ]
@@ -108,7 +116,7 @@ def parity(served, folders, bundled_prompts) -> dict[str, dict]:
     """Parity numbers of every successful job against zeda's runtime on the same folder (printed for the log)."""
     numbers = {}
     for name, result in served.items():
-        if "error" in result or name == "static":
+        if "error" in result or name in ("static", "glm_fixture_static"):
             continue
         job = next(j for j in _jobs(folders, bundled_prompts) if j.name == name)
         numbers[name] = vh.compare(result, vh.reference(job.model, job.prompts, result["tokens"]))
@@ -122,8 +130,8 @@ def parity(served, folders, bundled_prompts) -> dict[str, dict]:
 
 
 PARITY_CASES = ["gaussian", "gaussian_compiled", "gaussian_compiled+dial", "bias", "demo", "official",
-                "glm4_moe_lite", "glm4_moe_lite_compiled", "glm_official", *EXTRA_FAMILIES]  # fmt: skip
-MASKED_CASES = ["masked", "official_default_mask"]
+                "glm4_moe_lite", "glm4_moe_lite_compiled", "glm_official", "glm_fixture", *EXTRA_FAMILIES]  # fmt: skip
+MASKED_CASES = ["masked", "official_default_mask", "glm_fixture_masked"]
 
 
 @pytest.mark.parametrize("case", PARITY_CASES + MASKED_CASES)
@@ -163,6 +171,17 @@ def test_masked_folder_serves_the_static_model_exactly_like_stock_vllm(served, p
     # the official default (no use_zce_mask key) is masked too
     assert served["official_default_mask"]["tokens"] == static["tokens"]
     assert parity["masked"]["zero_share"] == 0.0 and parity["official_default_mask"]["zero_share"] == 0.0
+
+
+def test_the_static_glm_fixture_in_vllms_stock_model_has_its_tied_head(served, parity):
+    """Stock vLLM's GLM-4.7-Flash model ignores tie_word_embeddings (the head kept uninitialised memory: 8.3 off);
+    the plugin registers it with the head tied. Masked = zeda's runtime (parity above) and static = masked here."""
+    masked, static = served["glm_fixture_masked"], served["glm_fixture_static"]
+    assert static["stats"] == []  # the stock model, no plugin block
+    assert masked["tokens"] == static["tokens"]
+    diff = max(abs(a - b) for x, y in zip(masked["prompt_logprobs"], static["prompt_logprobs"], strict=True)
+               for a, b in zip(x, y, strict=True))  # fmt: skip
+    assert diff <= 1e-5, diff
 
 
 def test_negative_control_the_static_reference_does_not_match_the_dynamic_model(served, bundled_prompts):

@@ -20,6 +20,7 @@ import os
 import sys
 import time
 import traceback
+from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -54,8 +55,14 @@ def _generate(llm: Any, job: dict[str, Any], temperature: float = 0.0, seed: int
     return result
 
 
+def _is_mla(folder: str) -> bool:
+    return bool(json.loads((Path(folder) / "config.json").read_text()).get("kv_lora_rank"))
+
+
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
     from vllm import LLM
+    from vllm.platforms import current_platform
+    from zeda_vllm.compat import cpu_mla_attention_backend
 
     tp = int(job.get("tensor_parallel_size") or 1)
     if tp > 1 and os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto") == "auto":  # as zeda_vllm.engine does
@@ -74,6 +81,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         enable_prefix_caching=False,  # every prompt token goes through the model: the pair counts are exact
         seed=0,
         compilation_config={"custom_ops": job["custom_ops"]} if job.get("custom_ops") else None,
+        attention_backend=cpu_mla_attention_backend(current_platform.is_cpu(), _is_mla(job["model"]), "float32"),
     )
     try:
         started = time.perf_counter()

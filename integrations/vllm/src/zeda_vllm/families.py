@@ -26,6 +26,9 @@ class Family:
     mla: bool = False  # multi-head latent attention (DeepSeek-style)
     # per-expert checkpoint names of the routed experts' (gate, up, down) projections: ``...experts.E.<name>.weight``
     expert_weights: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    # the stock vLLM model reads transformers-5.2x folders right; where not, the plugin registers its own
+    # (zeda_vllm.compat: tied heads, GLM's dense prefix, float32 MLA on CPU)
+    stock_compatible: bool = True
 
     @property
     def dynamic_model_type(self) -> str:
@@ -38,6 +41,11 @@ class Family:
     @property
     def model_module(self) -> str:
         return f"zeda_vllm.models.{self.base_model_type}"
+
+    @property
+    def compat_class(self) -> str:
+        """The plugin's stock model, registered under ``vllm_model`` where ``stock_compatible`` is False."""
+        return f"Compat{self.vllm_model}"
 
 
 _SIGMOID = dict(
@@ -91,6 +99,7 @@ OLMOE = Family(
     vllm_block="OlmoeMoE",
     scoring="softmax",
     num_experts_attr="num_experts",
+    stock_compatible=False,
 )
 GLM4_MOE_LITE = Family(
     architecture="Glm4MoeLitePlusPlusForCausalLM",
@@ -101,6 +110,7 @@ GLM4_MOE_LITE = Family(
     vllm_block="Glm4MoeLite",
     mla=True,
     **_SIGMOID,
+    stock_compatible=False,
 )
 GLM4_MOE = Family(
     architecture="Glm4MoePlusPlusForCausalLM",
@@ -110,6 +120,7 @@ GLM4_MOE = Family(
     vllm_model="Glm4MoeForCausalLM",
     vllm_block="Glm4MoE",
     **_SIGMOID,
+    stock_compatible=False,
 )
 DEEPSEEK_V3 = Family(
     architecture="DeepseekV3PlusPlusForCausalLM",
@@ -120,6 +131,7 @@ DEEPSEEK_V3 = Family(
     vllm_block="DeepseekV2MoE",
     mla=True,
     **_SIGMOID,
+    stock_compatible=False,
 )
 
 FAMILIES: tuple[Family, ...] = (QWEN3_MOE, GLM4_MOE_LITE, QWEN2_MOE, MIXTRAL, OLMOE, GLM4_MOE, DEEPSEEK_V3)

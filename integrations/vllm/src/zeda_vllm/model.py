@@ -10,6 +10,7 @@ from vllm.logger import init_logger
 from vllm.platforms import current_platform
 
 from .checks import check_serving_setup, cpu_mla_rope_warning
+from .compat import prepare_config, tie_head_to_embedding
 from .families import Family
 from .moe import ZeroExpertMoE, make_dynamic
 from .spec import ZeroExpertSpec
@@ -29,7 +30,9 @@ class ZeroExpertCausalLM:
         family = self.zeda_family
         spec = ZeroExpertSpec.from_config(vllm_config.model_config.hf_config, family)
         check_serving_setup(vllm_config, family, current_platform.is_cpu())
+        prepare_config(vllm_config, family.mla, current_platform.is_cpu())
         super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
+        tie_head_to_embedding(self, vllm_config.model_config.hf_config)  # a no-op where the stock class ties
         self.zeda_spec = spec
         self.zeda_blocks: list[ZeroExpertMoE] = make_dynamic(self, family, spec, vllm_config)
         kernel = type(self.zeda_blocks[0].experts.routed_experts.quant_method).__name__
