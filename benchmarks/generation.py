@@ -235,6 +235,8 @@ def batching(inject: Path, prompts: list[list[int]], new_tokens: int, work: Path
 GLM_BUNDLED = ROOT / "models" / "pystdlib-glm"
 # End-to-end conversions measured by --parts quality: (name, model, recipe, --set values).
 DEMOS: tuple[tuple[str, Path, str, tuple[str, ...]], ...] = (
+    ("GLM fixture, hf", GLM_BUNDLED, "tiny-glm-demo", ("generation.engine=hf",)),
+    ("GLM fixture, vllm", GLM_BUNDLED, "tiny-glm-demo", ("generation.engine=vllm",)),
     ("GLM fixture, vllm, full-parameter stage 2", GLM_BUNDLED, "tiny-glm-demo",
      ("generation.engine=vllm", "stage2.trainable=full")),
     ("hf", BUNDLED, "tiny-demo", ("generation.engine=hf",)),

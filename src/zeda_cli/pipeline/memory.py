@@ -9,7 +9,9 @@ target models on 2 CPU ranks next to these figures. Terms (bytes):
   compute dtype, divided the same way, + 16 B per router parameter;
 * what a sharding backend gathers at once: ZeRO-3 a whole MoE block (a leaf module) twice (prefetch) plus its
   gradients; FSDP2 one decoder layer twice, its experts only over the expert-FSDP group (whole experts stay on
-  their ``ep_size`` ranks), plus the head and final norm, which stay gathered;
+  their ``ep_size`` ranks), plus the head and final norm, which stay gathered, and in full-parameter backward the
+  larger of one layer's and the head's unsharded gradients (with mixed precision also their fp32 copy for the
+  reduce-scatter);
 * a separate frozen teacher (none for a router-view teacher, or one whose log-probs come from a server): its
   weights in the compute dtype, sharded like the student's;
 * activations of one micro-batch: checkpointed layer inputs (or every layer's intermediates), one layer's
@@ -123,6 +125,7 @@ class Setup:
     bytes_: int  # compute dtype
     device: str
     offload: bool  # states on the host (ZeRO-3 offload, FSDP2 cpu_offload)
+    reduce_bytes: int = 0  # gradients' dtype in the reduce (FSDP2 mixed precision: fp32); 0 = the compute dtype
 
 
 def _setup(recipe: Recipe, section: TrainCommon, device: str) -> Setup:
@@ -138,7 +141,7 @@ def _setup(recipe: Recipe, section: TrainCommon, device: str) -> Setup:
         return Setup(kind, ranks, ranks if zero.get("stage", 3) == 3 else 1, 1, bytes_, device, offload)
     if kind == "fsdp2":
         fsdp = d.fsdp_size or max(ranks // d.dp_replicate_size, 1)
-        return Setup(kind, ranks, fsdp, d.ep_size, bytes_, device, d.cpu_offload)
+        return Setup(kind, ranks, fsdp, d.ep_size, bytes_, device, d.cpu_offload, 4 if d.mixed_precision else 0)
     return Setup(kind, 1, 1, 1, bytes_, device, False)
 
 
@@ -168,8 +171,9 @@ def _largest_leaf(shape: ModelShape) -> int:
     return max(shape.largest_block_params, shape.vocab * shape.hidden)
 
 
-def _gathered(shape: ModelShape, section: TrainCommon, s: Setup) -> int:
-    """What a sharding backend holds unsharded at once (the current and the prefetched unit, + its gradients)."""
+def _gathered(shape: ModelShape, section: TrainCommon, s: Setup, head_gradient: bool = True) -> int:
+    """What a sharding backend holds unsharded at once: the current and the prefetched unit, the head (FSDP2 keeps
+    it gathered through the step), and in full-parameter backward the unsharded gradients of one unit."""
     if s.kind == "none":
         return 0
     b, block = s.bytes_, shape.largest_block_params
@@ -179,8 +183,16 @@ def _gathered(shape: ModelShape, section: TrainCommon, s: Setup) -> int:
     units = min(2, max(shape.layers, 1))  # a model of one layer has no next layer to prefetch
     dense_layer = max(shape.total_params - shape.routed_expert_params - shape.embed_params, 0) // max(shape.layers, 1)
     experts = block * (s.shard // s.ep) // max(s.shard, 1) if s.shard // s.ep > 1 else 0
-    head = b * shape.embed_params // 2 if shape.embed_params else 0  # the output head stays gathered in the step
-    return b * (dense_layer + experts) * (units + int(grads)) + head
+    head_params = shape.vocab * shape.hidden if shape.embed_params else 0
+    held = b * (dense_layer + experts) * units + b * head_params
+    if not grads:
+        return held
+    # A unit's unsharded gradients, in the compute dtype and (mixed precision) their fp32 copy for the reduce-scatter.
+    # Backward starts with the head's alone (measured: 1.6-1.8 GB missing on the Qwen slice's stage 2 without it).
+    per_param = b + s.reduce_bytes
+    layer_grads = (dense_layer + experts) * per_param
+    head_grads = head_params * per_param if head_gradient else 0
+    return held + max(layer_grads, head_grads)
 
 
 def _activations(shape: ModelShape, section: TrainCommon, s: Setup, tokens: int, dense_loss: bool) -> int:
@@ -207,7 +219,8 @@ def _teacher(shape: ModelShape, stage: str, recipe: Recipe, section: TrainCommon
     needs = stage == "stage2" or recipe.stage1.loss == "kl"
     if not needs or section.trainable == "router" or _teacher_from_server(recipe, stage):
         return 0
-    return s.bytes_ * shape.total_params // s.shard + (_gathered(shape, section, s) if s.kind != "none" else 0) // 2
+    gathered = _gathered(shape, section, s, head_gradient=False) if s.kind != "none" else 0
+    return s.bytes_ * shape.total_params // s.shard + gathered // 2
 
 
 def _teacher_from_server(recipe: Recipe, stage: str) -> bool:
