@@ -16,6 +16,7 @@ that fails (out of memory, a crash) is recorded with its error instead of ending
     python benchmarks/memory_scale.py --quick    # one model, one backend, small sequences (tests)
     python benchmarks/memory_scale.py --stages 2 --stage2-full-experts 8   # stage 2 only, a smaller cut where the
                                                                            # student and the teacher train together
+    python benchmarks/memory_scale.py --precision mixed   # bf16 compute over fp32 master weights (the 30B recipes)
 """
 
 from __future__ import annotations
