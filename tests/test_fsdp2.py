@@ -72,6 +72,8 @@ def assert_same_weights(got: Path, expected: Path, start: Path, trained: str = "
     assert a.keys() == b.keys() == initial.keys()
     for name in b:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-5, msg=name)
+    worst = max(float((a[n].float() - b[n].float()).abs().max()) for n in b)
+    print(f"{got.name}: max |weight difference| to {expected.name} {worst:.2e}")  # the figure, with pytest -s
     changed = [n for n in b if not torch.equal(b[n], initial[n])]
     assert changed, "training changed nothing"
     assert all(trained in n for n in changed), changed
