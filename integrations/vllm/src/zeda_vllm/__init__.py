@@ -15,6 +15,7 @@ def register() -> None:
     from vllm.logger import init_logger
 
     from . import configs
+    from .compat import enable_amx
     from .families import FAMILIES
     from .hooks import register_config_hooks
 
@@ -24,6 +25,7 @@ def register() -> None:
         ModelRegistry.register_model(family.architecture, f"{family.model_module}:{family.architecture}")
         if not family.stock_compatible:  # static folders of the family too (e.g. a teacher's server)
             ModelRegistry.register_model(family.vllm_model, f"{family.model_module}:{family.compat_class}")
+    enable_amx()  # vLLM-CPU's bf16 kernels use AMX without asking Linux for it (SIGILL otherwise: zeda_vllm.compat)
     register_config_hooks()  # CUDA graphs: piecewise, split at the plugin's op (zeda_vllm.hooks)
     init_logger("vllm.zeda_vllm").info(
         "zeda-vllm %s plugin loaded: ZEDA zero-expert architectures %s",

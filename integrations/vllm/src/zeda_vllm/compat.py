@@ -7,6 +7,9 @@ classes and, registered under the stock names (``zeda_vllm.register``), the stat
   released models are not);
 * the dense prefix: vLLM's DeepSeek-style models read ``first_k_dense_replace``, which transformers >= 5.2x writes
   as ``mlp_layer_types`` instead; a folder with only the latter failed at construction (AttributeError);
+* AMX on CPU: vLLM-CPU's bfloat16 kernels (e.g. the fused MoE) use AMX tile instructions without asking Linux for
+  the AMX state first (``arch_prctl(ARCH_REQ_XCOMP_PERM)``), so the engine died of SIGILL (exit -4) on an AMX host
+  (measured: a Qwen3-MoE slice, 32 experts top-8, bf16); :func:`enable_amx` asks, in every vLLM process;
 * the MLA attention backend in float32 on CPU: with AMX tiles vLLM-CPU picks its AMX MLA backend, which packs
   bfloat16 / float16 / int8 weights only (float32 failed while loading: "expect weight to be bfloat16, ...").
 """
@@ -20,6 +23,16 @@ from torch import nn
 
 from .errors import ZedaVllmError
 from .families import Family
+
+
+def enable_amx() -> bool:
+    """Request the AMX tile state for this process (what oneDNN does before its own AMX kernels); True when granted.
+    A no-op where the CPU or torch has no AMX."""
+    init = getattr(getattr(torch._C, "_cpu", None), "_init_amx", None)
+    try:
+        return bool(init()) if init is not None else False
+    except RuntimeError:
+        return False
 
 
 def tie_head_to_embedding(model: nn.Module, hf_config: Any) -> bool:
