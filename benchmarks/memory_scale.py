@@ -145,11 +145,11 @@ def write_deepspeed_bf16(work: Path) -> Path:
     return path
 
 
-def row_overrides(backend: str, trainable: str, stage: int, seq: int, prompts: Path, precision: str = "float32",
-                  work: Path | None = None) -> list[str]:  # fmt: skip
+def row_overrides(backend: str, trainable: str, stage: int, seq: int, prompts: Path, precision: str,
+                  work: Path) -> list[str]:  # fmt: skip
     """The settings of one row: the measured ``zeda distill`` and the estimate's ``--dry-run`` take the same
     (``work``: the folder holding the bf16 DeepSpeed JSON, for ``precision`` mixed)."""
-    return [*COMMON, *BACKENDS[backend], *precision_overrides(backend, precision, work or prompts.parent),
+    return [*COMMON, *BACKENDS[backend], *precision_overrides(backend, precision, work),
             f"stage{stage}.trainable={trainable}", f"stage1.max_seq_len={seq}", "stage2.max_new_tokens=32",
             f"data.prompts={prompts}", f"rollout.max_new_tokens={seq // 2}"]  # fmt: skip
 

@@ -324,9 +324,9 @@ def test_float32_mla_on_cpu_asks_for_the_reference_backend_and_is_refused_on_amx
     assert compat.cpu_mla_attention_backend(True, True, "bfloat16") is None  # AMX MLA serves 16-bit weights
     assert compat.cpu_mla_attention_backend(False, True, "float32") is None
     assert compat.cpu_mla_attention_backend(True, False, "float32") is None
-    compat.check_cpu_mla_backend("Glm4MoeLiteForCausalLM", "float32", amx=True, backend="CPU_MLA")
-    compat.check_cpu_mla_backend("Glm4MoeLiteForCausalLM", "bfloat16", amx=True, backend=None)
-    compat.check_cpu_mla_backend("Glm4MoeLiteForCausalLM", "float32", amx=False, backend=None)
+    checks.check_cpu_mla_backend("Glm4MoeLiteForCausalLM", "float32", amx=True, backend="CPU_MLA")
+    checks.check_cpu_mla_backend("Glm4MoeLiteForCausalLM", "bfloat16", amx=True, backend=None)
+    checks.check_cpu_mla_backend("Glm4MoeLiteForCausalLM", "float32", amx=False, backend=None)
     with pytest.raises(ZedaVllmError, match="--attention-backend CPU_MLA") as err:
-        compat.check_cpu_mla_backend("Glm4MoeLiteForCausalLM", "float32", amx=True, backend=None)
+        checks.check_cpu_mla_backend("Glm4MoeLiteForCausalLM", "float32", amx=True, backend=None)
     assert "\n" not in str(err.value)

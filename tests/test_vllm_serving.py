@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(vh.vllm_skip_reason() is not None, reason=vh.vll
 
 BUNDLED = vh.ROOT / "models" / "pystdlib-moe"
 # trained GLM-4.7-Flash in miniature (same tokenizer): trained sigmoid router and correction bias, a dense first
-# layer, MLA at the real latent width, and a tied embedding, which vLLM's stock GLM model ignores (zeda_vllm.tied)
+# layer, MLA at the real latent width, and a tied embedding, which vLLM's stock GLM model ignores (zeda_vllm.compat)
 BUNDLED_GLM = vh.ROOT / "models" / "pystdlib-glm"
 TOLERANCE = 1e-4  # max abs prompt log-prob difference, fp32
 TINY_PROMPTS = [[5, 10, 20, 30, 42, 7, 9, 50, 20, 33, 61, 12], [17, 18, 19, 60, 3, 4, 44, 71], [80, 8, 8, 23, 36]]

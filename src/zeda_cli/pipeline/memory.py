@@ -125,7 +125,7 @@ class Setup:
     bytes_: int  # compute dtype
     device: str
     offload: bool  # states on the host (ZeRO-3 offload, FSDP2 cpu_offload)
-    reduce_bytes: int = 0  # gradients' dtype in the reduce (FSDP2 mixed precision: fp32); 0 = the compute dtype
+    reduce_bytes: int = 0  # per parameter, the gradients' copy for the reduce (FSDP2 mixed precision: fp32); 0: none
 
 
 def _setup(recipe: Recipe, section: TrainCommon, device: str) -> Setup:
@@ -219,8 +219,7 @@ def _teacher(shape: ModelShape, stage: str, recipe: Recipe, section: TrainCommon
     needs = stage == "stage2" or recipe.stage1.loss == "kl"
     if not needs or section.trainable == "router" or _teacher_from_server(recipe, stage):
         return 0
-    gathered = _gathered(shape, section, s, head_gradient=False) if s.kind != "none" else 0
-    return s.bytes_ * shape.total_params // s.shard + gathered // 2
+    return s.bytes_ * shape.total_params // s.shard + _gathered(shape, section, s, head_gradient=False) // 2
 
 
 def _teacher_from_server(recipe: Recipe, stage: str) -> bool:

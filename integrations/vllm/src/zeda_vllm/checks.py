@@ -130,6 +130,19 @@ def check_cpu_mla_latent(architecture: str, kv_lora_rank: int, qk_rope_head_dim:
     )
 
 
+def check_cpu_mla_backend(architecture: str, dtype: str, amx: bool, backend: str | None) -> None:
+    """With AMX tiles vLLM-CPU picks its AMX MLA attention, which packs 16-bit / int8 weights only: float32 needs the
+    reference CPU_MLA backend (``zeda_vllm.compat``)."""
+    if dtype != "float32" or not amx or backend == "CPU_MLA":
+        return
+    raise ZedaVllmError(
+        f"{architecture} in float32 on a CPU with AMX: vLLM-CPU picks its AMX MLA attention, which takes bfloat16, "
+        "float16 or int8 weights only",
+        expected="the reference CPU_MLA attention backend for float32, or a 16-bit dtype",
+        fix="pass --attention-backend CPU_MLA (LLM(..., attention_backend='CPU_MLA')), or --dtype bfloat16",
+    )
+
+
 def check_dtype(family: Family, dtype: str) -> None:
     # vLLM's DeepSeek decoder layer rescales float16 activations by 1/routed_scaling_factor and expects the MoE
     # block to do the same; the dynamic block keeps zeda's (unscaled) arithmetic instead.

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .checks import check_cpu_mla_backend
 from .errors import ZedaVllmError
 from .families import Family
 
@@ -72,17 +73,6 @@ def cpu_mla_attention_backend(on_cpu: bool, mla: bool, dtype: str) -> str | None
     """The attention backend to ask vLLM for: the reference CPU_MLA for float32 MLA models on CPU (works with and
     without AMX), else None (vLLM's choice)."""
     return "CPU_MLA" if on_cpu and mla and dtype == "float32" else None
-
-
-def check_cpu_mla_backend(architecture: str, dtype: str, amx: bool, backend: str | None) -> None:
-    if dtype != "float32" or not amx or backend == "CPU_MLA":
-        return
-    raise ZedaVllmError(
-        f"{architecture} in float32 on a CPU with AMX: vLLM-CPU picks its AMX MLA attention, which takes bfloat16, "
-        "float16 or int8 weights only",
-        expected="the reference CPU_MLA attention backend for float32, or a 16-bit dtype",
-        fix="pass --attention-backend CPU_MLA (LLM(..., attention_backend='CPU_MLA')), or --dtype bfloat16",
-    )
 
 
 def prepare_config(vllm_config: Any, mla: bool, on_cpu: bool) -> None:
